@@ -1,0 +1,191 @@
+"""Mixture-of-experts FFN: FlexOlmo router plus three interchangeable dispatch strategies.
+
+Router (FLEXOLMO.md section 3): logits = h @ W_r.T (+ min(b, 0) on non-public experts),
+softmax over all experts in fp32 (excluded experts get -inf), top-k, no renormalisation
+unless `norm_topk_prob`.
+
+An excluded expert must have no influence at all, even if its weights were NaN: every
+combine step *selects* (jnp.where) instead of multiplying by a zero weight, because
+0 * NaN is NaN.
+
+Dispatch strategies (same maths, different cost):
+  dense     every expert on every token; right when top_k == num_experts (expert training).
+  capacity  einsum dispatch/combine into [batch, E, C] buffers, C = ceil(cf * T * k / E);
+            overflowing assignments are dropped and counted (CPU-friendly, static shapes).
+  dropless  sort assignments by expert and run `jax.lax.ragged_dot` (the TPU path).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flexolmo_jax.model.config import ModelConfig
+from flexolmo_jax.model.layers import Array, constrain, dot, dtype_of, param_with_axes
+
+
+def route(h: Array, w_router: Array, bias: Array | None, expert_mask: Array | None,
+          top_k: int, norm_topk_prob: bool):
+  """Returns (logits [B,T,E] f32, probs [B,T,E] f32, top_w [B,T,k], top_i [B,T,k], valid [B,T,k]).
+
+  `valid` marks assignments to allowed experts; a top-k slot that lands on an excluded expert
+  (possible when k exceeds the number of allowed experts) carries weight 0 and is ignored.
+  """
+  logits = jnp.einsum("btd,ed->bte", h.astype(jnp.float32), w_router.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  E = w_router.shape[0]
+  if bias is not None:
+    # Slot 0 is the public expert: it never gets a bias.
+    non_public = jnp.arange(E) > 0
+    logits = logits + jnp.where(non_public, jnp.minimum(bias.astype(jnp.float32), 0.0), 0.0)
+  if expert_mask is None:
+    allowed = jnp.ones((h.shape[0], E), bool)
+  else:
+    allowed = expert_mask.astype(bool)
+  logits = jnp.where(allowed[:, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_w, top_i = jax.lax.top_k(probs, top_k)
+  if norm_topk_prob:
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+  valid = jnp.take_along_axis(jnp.broadcast_to(allowed[:, None, :], probs.shape), top_i, axis=-1)
+  return logits, probs, top_w, top_i, valid
+
+
+def _swiglu_experts(x: Array, w1: Array, w3: Array, w2: Array, cfg: ModelConfig, spec_in: str,
+                    spec_out: str) -> Array:
+  g = dot(spec_in, x, w1, cfg, jnp.float32)
+  u = dot(spec_in, x, w3, cfg, jnp.float32)
+  return dot(spec_out, nn.silu(g) * u, w2, cfg, jnp.float32)
+
+
+def dispatch_dense(h, w1, w3, w2, top_w, top_i, valid, cfg):
+  E = w1.shape[0]
+  onehot = jax.nn.one_hot(top_i, E, dtype=bool) & valid[..., None]  # [B,T,k,E]
+  routed = jnp.any(onehot, axis=2)  # [B,T,E]
+  weight = jnp.sum(jnp.where(onehot, top_w[..., None], 0.0), axis=2)  # [B,T,E]
+  out = _swiglu_experts(h, w1, w3, w2, cfg, "btd,edf->btef", "btef,efd->bted")  # [B,T,E,d]
+  out = constrain(out, ("act_batch", "act_length", "act_exp", "act_embed"))
+  y = jnp.sum(jnp.where(routed[..., None], weight[..., None] * out, 0.0), axis=2)
+  return y, jnp.zeros((), jnp.int32)
+
+
+def capacity(cfg: ModelConfig, tokens_per_group: int) -> int:
+  c = math.ceil(cfg.capacity_factor * tokens_per_group * cfg.top_k / cfg.num_experts)
+  return max(1, min(c, tokens_per_group))
+
+
+def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
+  """GShard-style: each batch row is a group; first choices claim buffer slots before second."""
+  B, T, k = top_i.shape
+  E = w1.shape[0]
+  C = capacity(cfg, T)
+  onehot = (jax.nn.one_hot(top_i, E, dtype=jnp.int32) * valid[..., None])  # [B,T,k,E]
+  # Priority order: choice-major (all top-1 picks, then top-2, ...), then token order.
+  prio = jnp.swapaxes(onehot, 1, 2).reshape(B, k * T, E)
+  pos = (jnp.cumsum(prio, axis=1) - 1).reshape(B, k, T, E).swapaxes(1, 2)  # [B,T,k,E]
+  keep = (onehot > 0) & (pos < C)
+  slot = jax.nn.one_hot(jnp.where(keep, pos, -1), C, dtype=bool)  # [B,T,k,E,C]
+  dispatch = jnp.any(slot, axis=2)  # [B,T,E,C] (top-k experts of a token are distinct)
+  combine = jnp.sum(jnp.where(slot, top_w[..., None, None], 0.0), axis=2)  # [B,T,E,C]
+  dt = dtype_of(cfg.dtype)
+  x_in = jnp.einsum("btec,btd->becd", dispatch.astype(dt), h.astype(dt))
+  x_in = constrain(x_in, ("act_batch", "act_exp", None, "act_embed"))
+  out = _swiglu_experts(x_in, w1, w3, w2, cfg, "becd,edf->becf", "becf,efd->becd")
+  used = jnp.any(dispatch, axis=1)  # [B,E,C]
+  out = jnp.where(used[..., None], out, 0.0)  # empty slots (and excluded experts) contribute 0
+  y = jnp.einsum("btec,becd->btd", combine, out)
+  dropped = jnp.sum(onehot) - jnp.sum(keep)
+  return y, dropped.astype(jnp.int32)
+
+
+def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+  """[M, K] x [G, K, N] with rows grouped contiguously by `group_sizes` -> [M, N] (f32 acc).
+
+  Accelerators run `jax.lax.ragged_dot` (a real grouped-matmul kernel). XLA:CPU lowers
+  ragged_dot to a dense multiply against zero-masked rows, where 0 * NaN from another
+  group's weights leaks into every row; on CPU we therefore compute every group densely
+  and *select* each row's own group, which costs the same FLOPs as that fallback and keeps
+  an excluded expert's weights without any influence.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+  ends = jnp.cumsum(group_sizes)
+  row = jnp.arange(lhs.shape[0])
+  group_of_row = jnp.searchsorted(ends, row, side="right")  # == G for rows past the last group
+  out = jnp.einsum("mk,gkn->gmn", lhs, rhs, preferred_element_type=jnp.float32)
+  own = jax.nn.one_hot(group_of_row, rhs.shape[0], dtype=bool).T  # [G, M]
+  return jnp.sum(jnp.where(own[..., None], out, 0.0), axis=0)
+
+
+def dispatch_dropless(h, w1, w3, w2, top_w, top_i, valid, cfg):
+  """Sort token assignments by expert and run grouped matmuls; nothing is dropped."""
+  B, T, k = top_i.shape
+  E, d = w1.shape[0], h.shape[-1]
+  x = h.reshape(B * T, d)
+  expert = jnp.where(valid, top_i, E).reshape(-1)  # excluded assignments -> sentinel group E
+  order = jnp.argsort(expert, stable=True)
+  sorted_expert = expert[order]
+  x_sorted = x[order // k]
+  group_sizes = jnp.bincount(expert, length=E + 1)[:E].astype(jnp.int32)
+  dt = dtype_of(cfg.dtype)
+
+  def gmm(a, w):
+    return grouped_matmul(a.astype(dt), w.astype(dt), group_sizes)
+
+  a = nn.silu(gmm(x_sorted, w1)) * gmm(x_sorted, w3)
+  o = gmm(a, w2)
+  o = jnp.where((sorted_expert < E)[:, None], o, 0.0)  # rows of the sentinel group are unused
+  out = jnp.zeros_like(o).at[order].set(o).reshape(B, T, k, d)
+  y = jnp.sum(jnp.where(valid[..., None], top_w[..., None] * out, 0.0), axis=2)
+  return y, jnp.zeros((), jnp.int32)
+
+
+DISPATCH = {"dense": dispatch_dense, "capacity": dispatch_capacity, "dropless": dispatch_dropless}
+
+
+class MoE(nn.Module):
+  """FlexOlmo MoE FFN with experts stacked on a leading [E] axis.
+
+  Returns (y [B,T,d], aux) where aux holds router z-loss, load-balance statistics and the
+  number of dropped assignments for this layer.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: Array, expert_mask: Array | None = None):
+    cfg = self.cfg
+    E, d, f = cfg.num_experts, cfg.d_model, cfg.ffn_hidden
+    init = nn.initializers.normal(cfg.init_std)
+    w_router = param_with_axes(self, "router", (E, d), ("exp", "embed"), init, cfg)
+    bias = (param_with_axes(self, "router_bias", (E,), ("exp",), nn.initializers.zeros, cfg)
+            if cfg.expert_bias else None)
+    w1 = param_with_axes(self, "gate_proj", (E, d, f), ("exp", "embed", "mlp"), init, cfg)
+    w3 = param_with_axes(self, "up_proj", (E, d, f), ("exp", "embed", "mlp"), init, cfg)
+    w2 = param_with_axes(self, "down_proj", (E, f, d), ("exp", "mlp", "embed"), init, cfg)
+
+    logits, probs, top_w, top_i, valid = route(h, w_router, bias, expert_mask, cfg.top_k,
+                                               cfg.norm_topk_prob)
+    y, dropped = DISPATCH[cfg.dispatch](h, w1, w3, w2, top_w, top_i, valid, cfg)
+
+    n_tokens = h.shape[0] * h.shape[1]
+    assigned = jnp.sum(jax.nn.one_hot(top_i, E) * valid[..., None], axis=(0, 1, 2)) / n_tokens
+    mean_prob = jnp.mean(probs, axis=(0, 1))
+    aux = {
+        # mean of logsumexp(router logits)^2 (excluded experts' -inf terms vanish)
+        "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        # Switch-style E * sum_e f_e * p_e with f_e the share of assignments
+        "load_balance_loss": E * jnp.sum(assigned / cfg.top_k * mean_prob),
+        "expert_fraction": assigned,  # share of tokens sent to each expert (sums to ~k)
+        "expert_prob": mean_prob,
+        "dropped": dropped,
+    }
+    return y.astype(dtype_of(cfg.dtype)), aux
+
+
+def empty_aux(cfg: ModelConfig):
+  E = max(cfg.num_experts, 1)
+  z = jnp.zeros((), jnp.float32)
+  return {"router_z_loss": z, "load_balance_loss": z, "expert_fraction": jnp.zeros((E,)),
+          "expert_prob": jnp.zeros((E,)), "dropped": jnp.zeros((), jnp.int32)}

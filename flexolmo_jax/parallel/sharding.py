@@ -1,0 +1,101 @@
+"""Named mesh (data, fsdp, expert, tensor) and logical-axis rules, MaxText style.
+
+Parameters and activations carry logical axis names ('embed', 'mlp', 'exp', 'act_batch', ...);
+the config's `axis_rules` map each to mesh axes. A rule whose mesh axes are already used by
+another dimension of the same array is skipped, so later rules act as fallbacks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical name -> mesh axes, in priority order.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_exp", "expert"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("norm", None),
+)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """Normalise rules from an ml_collections config (lists become tuples)."""
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
+  """A 4-axis mesh; one axis may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = dict(shape or {})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+                       devices=devices)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drop mesh axes from dimensions they do not divide evenly (e.g. an odd vocabulary)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[a] for a in names)
+    if dim % size:
+      logging.info("dimension %d not divisible by mesh axes %s (%d); replicating it", dim, names, size)
+      out.append(None)
+    else:
+      out.append(axes)
+  return P(*out)
+
+
+def logical_shardings(logical_specs, shapes, mesh: Mesh, rules) -> Any:
+  """Logical PartitionSpec tree + matching shapes tree -> NamedSharding tree."""
+  def one(spec, shape):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
+    return NamedSharding(mesh, fit_spec(mesh_spec, getattr(shape, "shape", shape), mesh))
+  return jax.tree.map(one, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))

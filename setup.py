@@ -1,0 +1,37 @@
+"""flexolmo-jax: FlexOlmo mixture-of-experts language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12",
+    "ml-collections>=1.0",
+    "tensorflow-datasets>=4.9.9",
+    "grain>=0.2.12",
+    "array-record>=0.8",
+    "tokenizers>=0.21",
+    "numpy>=1.26",
+    "tensorstore>=0.1.70",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    # PyTorch interop (HF export/import checks, reference tests). Never imported by the core.
+    "torch": ["torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
+    # Ahead-of-time compilation for TPU topologies from a CPU host.
+    "tpu": ["jax[tpu]>=0.10,<0.11"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+}
+
+setup(
+    name="flexolmo-jax",
+    version="0.1.0",
+    description="FlexOlmo: mixture-of-experts LMs trained on private data, in JAX/Flax",
+    packages=find_packages(include=["flexolmo_jax", "flexolmo_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
