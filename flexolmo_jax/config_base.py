@@ -1,0 +1,55 @@
+"""Shared pieces of the ml_collections configs in configs/.
+
+A config is a ConfigDict with (at least) `model` (fields of ModelConfig), `mesh` (axis sizes
+for data/fsdp/expert/tensor; one may be -1) and `axis_rules` (logical name -> mesh axes).
+Later stages (training, evaluation) add their own blocks.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from flexolmo_jax.model.config import ModelConfig
+from flexolmo_jax.parallel.sharding import DEFAULT_RULES
+
+# OLMo 2 7B (FLEXOLMO.md section 2); dolma2 tokenizer padded to 100,352.
+OLMO2_7B = dict(
+    vocab_size=100_352, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+    ffn_hidden=11_008, rope_theta=500_000.0, norm_eps=1e-6, max_seq_len=4096,
+    eos_token_id=100_257, pad_token_id=100_277,
+)
+
+# FlexMix domains (paper section 6), slot order after the public expert.
+FLEXMIX_DOMAINS = ("news", "creative", "code", "academic", "educational", "math", "reddit")
+
+
+def model_block(**fields) -> ml_collections.ConfigDict:
+  """A `model` block with every ModelConfig field present, so any can be overridden by flag."""
+  defaults = ModelConfig(**{k: fields[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads")},
+                         eos_token_id=fields.get("eos_token_id", 0),
+                         pad_token_id=fields.get("pad_token_id", 0)).to_dict()
+  defaults.update(n_kv_heads=None, head_dim=None)
+  defaults.update(fields)
+  defaults["expert_names"] = list(fields.get("expert_names", ()))
+  cd = ml_collections.ConfigDict(defaults)
+  return cd
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = model
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  config.axis_rules = [list(r) for r in DEFAULT_RULES]
+  return config
+
+
+def moe_fields(names, top_k: int, **kw) -> dict:
+  names = tuple(names)
+  return dict(num_experts=len(names), top_k=top_k, expert_names=list(names), **kw)
+
+
+def model_config(config) -> ModelConfig:
+  """The frozen ModelConfig of a full ml_collections config (or of its model block)."""
+  block = config.model if "model" in config else config
+  d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+  d["expert_names"] = tuple(d.get("expert_names") or ())
+  return ModelConfig.from_dict(d)

@@ -1,0 +1,1 @@
+"""HuggingFace interop. hf_mapping works on numpy arrays only (no torch import)."""
