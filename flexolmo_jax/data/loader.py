@@ -15,9 +15,10 @@ process_index, process_count): resuming at step k means building the loader with
 processes' rows over consecutive steps is the global stream, which visits every row of a source
 once per epoch of that source.
 
-Mixing tolerance: grain turns weights into integers (smallest -> 100) and interleaves them with a
-low-discrepancy rule, so over any n consecutive rows of the global stream the share of source s is
-within (number of sources)/n + 0.01 * w_s of its normalised weight w_s.
+Mixing tolerance: grain turns weights into integers (smallest -> 100, so each is off by < 1%) and
+interleaves them with a deterministic low-discrepancy rule (no sampling noise), so over any n
+consecutive rows of the global stream the share of source s is within
+2 * (number of sources) / n + 0.02 * w_s of its normalised weight w_s.
 """
 from __future__ import annotations
 

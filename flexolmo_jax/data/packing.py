@@ -129,7 +129,8 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
 
         def token_docs() -> Iterator[list[int]]:
             for start in range(0, len(source), _ENCODE_BATCH):
-                items = source.__getitems__(range(start, min(start + _ENCODE_BATCH, len(source))))
+                stop = min(start + _ENCODE_BATCH, len(source))
+                items = source.__getitems__(range(start, stop))
                 texts = [it["text"].decode("utf-8") for it in items]
                 for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
                     yield enc.ids
@@ -144,7 +145,8 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
             n_tokens += n_valid
             last_valid = n_valid
         writer.close()
-        meta = {"format": PACK_FORMAT, "dataset": builder.info.name, "split": split, "seq_len": seq_len,
+        meta = {"format": PACK_FORMAT, "dataset": builder.info.name, "split": split,
+                "seq_len": seq_len,
                 "num_rows": n_rows, "num_tokens": n_tokens, "num_documents": len(source),
                 "last_row_valid": last_valid, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
                 "tokenizer_sha256": tok.sha256, "content_sha256": content}

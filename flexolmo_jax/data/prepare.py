@@ -83,11 +83,17 @@ def _scan(files: list[readers.InputFile], text_field: str, fraction: float,
 def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_field: str = "text",
                     validation_fraction: float = 0.05, strict: bool = False,
                     max_skipped_fraction: float = 0.5, overwrite: bool = False,
-                    description: str | None = None) -> str:
+                    description: str | None = None, relative_to: str | None = None) -> str:
     """Builds OUT_DIR/NAME/1.0.0 (an array_record TFDS dataset) and returns its path.
 
     Raises DataError (naming file and line) on unusable input; in that case nothing is written.
+    ``relative_to``: record input paths relative to this directory (portable provenance).
     """
+    def show(location: str) -> str:
+        if relative_to and location.startswith(os.path.abspath(relative_to) + os.sep):
+            return location[len(os.path.abspath(relative_to)) + 1:]
+        return location
+
     if not _NAME_RE.match(name):
         raise DataError(f"dataset name {name!r} must match {_NAME_RE.pattern} (tfds naming)")
     if not 0.0 <= validation_fraction < 1.0:
@@ -124,7 +130,7 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
         ordinal = 0
         for doc in readers.iter_documents(files, text_field, again):
             if rule(ordinal, doc.text) == split:
-                yield {"text": doc.text, "source": doc.location}
+                yield {"text": doc.text, "source": show(doc.location)}
             ordinal += 1
         if ordinal != n_docs or again.counts != skips.counts:
             raise DataError(f"input files changed while preparing ({n_docs} documents at scan, "
@@ -138,10 +144,11 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
         "split_rule": "validation iff sha256(utf8 text)[:8] / 2**64 < validation_fraction"
                       + (f"; document #{scan['forced']} forced to validation"
                          if scan["forced"] is not None else ""),
-        "inputs": scan["files"],
+        "inputs": [{**f, "path": show(f["path"])} for f in scan["files"]],
         "records_seen": seen,
         "skipped": {"total": skips.total, "by_reason": dict(sorted(skips.counts.items())),
-                    "examples": skips.examples},
+                    "examples": [{**e, "location": show(e["location"])}
+                                 for e in skips.examples]},
     }
     with atomic.staged_directory(target, overwrite) as stage:
         built = tfds_builder.write_documents_dataset(

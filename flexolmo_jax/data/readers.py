@@ -240,6 +240,11 @@ def _read_jsonl(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Documen
             if not text.strip():
                 log.skip("empty_text", loc)
                 continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON may escape lone surrogates: "\ud800"
+                log.skip("invalid_unicode", loc, f"character offset {e.start}")
+                continue
             yield Document(text, loc)
     except _StreamError as e:
         raise _stream_failed(f, lineno, e) from e

@@ -6,12 +6,17 @@ The output is an ordinary TFDS dataset directory (``dataset_info.json``, ``featu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 FEATURES = {"text": "document text (UTF-8)", "source": "file:line the document came from"}
@@ -84,5 +89,10 @@ def write_documents_dataset(name: str, data_dir: str,
     builder = cls(split_examples=split_examples, description=description, metadata=metadata,
                   data_dir=data_dir, file_format="array_record")
     tfds.disable_progress_bar()
-    builder.download_and_prepare()
+    # tfds prints "Downloading and preparing dataset..." on stdout; nothing is downloaded, and
+    # stdout belongs to the CLI's JSON summary.
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        builder.download_and_prepare()
+    log.debug("tfds: %s", chatter.getvalue().strip())
     return str(builder.data_dir)

@@ -35,6 +35,7 @@ class ModelConfig:
   expert_names: tuple[str, ...] = ()
   dispatch: str = "dense"
   capacity_factor: float = 1.25
+  capacity_impl: str = "auto"  # einsum | gather | auto (einsum on TPU, gather elsewhere)
   # Numerics and compilation.
   dtype: str = "bfloat16"  # matmul operand / activation dtype
   param_dtype: str = "float32"
@@ -70,6 +71,8 @@ class ModelConfig:
         raise ValueError(f"duplicate expert names: {self.expert_names}")
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f"dispatch {self.dispatch!r} not in {DISPATCH_MODES}")
+    if self.capacity_impl not in ("auto", "einsum", "gather"):
+      raise ValueError(f"capacity_impl {self.capacity_impl!r} not in (auto, einsum, gather)")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("eos_token_id", "pad_token_id"):

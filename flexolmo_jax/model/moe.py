@@ -65,9 +65,11 @@ def dispatch_dense(h, w1, w3, w2, top_w, top_i, valid, cfg):
   onehot = jax.nn.one_hot(top_i, E, dtype=bool) & valid[..., None]  # [B,T,k,E]
   routed = jnp.any(onehot, axis=2)  # [B,T,E]
   weight = jnp.sum(jnp.where(onehot, top_w[..., None], 0.0), axis=2)  # [B,T,E]
-  out = _swiglu_experts(h, w1, w3, w2, cfg, "btd,edf->btef", "btef,efd->bted")  # [B,T,E,d]
-  out = constrain(out, ("act_batch", "act_length", "act_exp", "act_embed"))
-  y = jnp.sum(jnp.where(routed[..., None], weight[..., None] * out, 0.0), axis=2)
+  # Expert-major [E,B,T,d] (XLA:CPU lacks bf16->f32 batched dots with a middle batch dim).
+  out = _swiglu_experts(h, w1, w3, w2, cfg, "btd,edf->ebtf", "ebtf,efd->ebtd")
+  out = constrain(out, ("act_exp", "act_batch", "act_length", "act_embed"))
+  routed, weight = jnp.moveaxis(routed, -1, 0), jnp.moveaxis(weight, -1, 0)
+  y = jnp.sum(jnp.where(routed[..., None], weight[..., None] * out, 0.0), axis=0)
   return y, jnp.zeros((), jnp.int32)
 
 
@@ -76,27 +78,59 @@ def capacity(cfg: ModelConfig, tokens_per_group: int) -> int:
   return max(1, min(c, tokens_per_group))
 
 
-def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
-  """GShard-style: each batch row is a group; first choices claim buffer slots before second."""
+def _capacity_slots(top_i, valid, C: int, E: int):
+  """Buffer slot of every assignment, GShard priority: all top-1 picks claim slots before any
+  top-2 pick, then token order. Returns (pos [B,T,k] int, keep [B,T,k] bool)."""
   B, T, k = top_i.shape
-  E = w1.shape[0]
-  C = capacity(cfg, T)
-  onehot = (jax.nn.one_hot(top_i, E, dtype=jnp.int32) * valid[..., None])  # [B,T,k,E]
-  # Priority order: choice-major (all top-1 picks, then top-2, ...), then token order.
+  onehot = jax.nn.one_hot(top_i, E, dtype=jnp.int32) * valid[..., None]  # [B,T,k,E]
   prio = jnp.swapaxes(onehot, 1, 2).reshape(B, k * T, E)
   pos = (jnp.cumsum(prio, axis=1) - 1).reshape(B, k, T, E).swapaxes(1, 2)  # [B,T,k,E]
-  keep = (onehot > 0) & (pos < C)
-  slot = jax.nn.one_hot(jnp.where(keep, pos, -1), C, dtype=bool)  # [B,T,k,E,C]
-  dispatch = jnp.any(slot, axis=2)  # [B,T,E,C] (top-k experts of a token are distinct)
-  combine = jnp.sum(jnp.where(slot, top_w[..., None, None], 0.0), axis=2)  # [B,T,E,C]
+  pos = jnp.take_along_axis(pos, top_i[..., None], axis=-1)[..., 0]
+  return pos, valid & (pos < C)
+
+
+def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
+  """Static-shape expert buffers [E, B, C, d], one group per batch row; overflow is dropped.
+
+  Two formulations of the same maths: `einsum` (one-hot dispatch/combine tensors, GShard
+  style: dense MXU work, the TPU choice) and `gather` (index the same slots; far cheaper on
+  CPU/GPU where the one-hot einsums cost ~2 * B * T * E * C * d FLOPs each).
+  """
+  B, T, k = top_i.shape
+  E, d = w1.shape[0], h.shape[-1]
+  C = capacity(cfg, T)
+  pos, keep = _capacity_slots(top_i, valid, C, E)
   dt = dtype_of(cfg.dtype)
-  x_in = jnp.einsum("btec,btd->becd", dispatch.astype(dt), h.astype(dt))
-  x_in = constrain(x_in, ("act_batch", "act_exp", None, "act_embed"))
-  out = _swiglu_experts(x_in, w1, w3, w2, cfg, "becd,edf->becf", "becf,efd->becd")
-  used = jnp.any(dispatch, axis=1)  # [B,E,C]
+  impl = cfg.capacity_impl
+  if impl == "auto":
+    impl = "einsum" if jax.default_backend() == "tpu" else "gather"
+  b_idx = jnp.arange(B)[:, None, None]
+  if impl == "einsum":
+    slot = jax.nn.one_hot(jnp.where(keep, pos, -1), C, dtype=bool)[..., None, :]  # [B,T,k,1,C]
+    slot = slot & jax.nn.one_hot(top_i, E, dtype=bool)[..., None]  # [B,T,k,E,C]
+    dispatch = jnp.any(slot, axis=2)  # [B,T,E,C] (the k experts of a token are distinct)
+    combine = jnp.sum(jnp.where(slot, top_w[..., None, None], 0.0), axis=2)
+    # Expert-major buffers: XLA:CPU has no bf16->f32 batched dot with the batch (expert)
+    # dimension in the middle, and expert-major is the natural all-to-all layout.
+    x_in = jnp.einsum("btec,btd->ebcd", dispatch.astype(dt), h.astype(dt))
+    used = jnp.any(dispatch, axis=1).transpose(1, 0, 2)  # [E,B,C]
+  else:
+    token = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, k))
+    slot_token = jnp.full((E, B, C), T, jnp.int32).at[
+        jnp.where(keep, top_i, E), jnp.broadcast_to(b_idx, (B, T, k)), jnp.minimum(pos, C - 1)
+    ].set(token, mode="drop")  # dropped assignments scatter out of range and vanish
+    h_pad = jnp.concatenate([h.astype(dt), jnp.zeros((B, 1, d), dt)], axis=1)  # row T = empty
+    x_in = h_pad[jnp.arange(B)[None, :, None], slot_token]  # [E,B,C,d]
+    used = slot_token < T
+  x_in = constrain(x_in, ("act_exp", "act_batch", None, "act_embed"))
+  out = _swiglu_experts(x_in, w1, w3, w2, cfg, "ebcd,edf->ebcf", "ebcf,efd->ebcd")
   out = jnp.where(used[..., None], out, 0.0)  # empty slots (and excluded experts) contribute 0
-  y = jnp.einsum("btec,becd->btd", combine, out)
-  dropped = jnp.sum(onehot) - jnp.sum(keep)
+  if impl == "einsum":
+    y = jnp.einsum("btec,ebcd->btd", combine, out)
+  else:
+    picked = out[top_i, b_idx, jnp.minimum(pos, C - 1)]  # [B,T,k,d]
+    y = jnp.sum(jnp.where(keep[..., None], top_w[..., None] * picked, 0.0), axis=2)
+  dropped = jnp.sum(valid) - jnp.sum(keep)
   return y, dropped.astype(jnp.int32)
 
 

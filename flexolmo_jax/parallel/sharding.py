@@ -99,3 +99,16 @@ def logical_shardings(logical_specs, shapes, mesh: Mesh, rules) -> Any:
     mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
     return NamedSharding(mesh, fit_spec(mesh_spec, getattr(shape, "shape", shape), mesh))
   return jax.tree.map(one, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding for every parameter of a model config, from its logical axis names."""
+  from flexolmo_jax.model.params import abstract_params, param_logical_axes  # avoid cycle
+  return logical_shardings(param_logical_axes(cfg), abstract_params(cfg), mesh, rules)
+
+
+def activation_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                        rules=DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding of an input/output array from logical names, e.g. ('act_batch', 'act_length')."""
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return NamedSharding(mesh, fit_spec(spec, shape, mesh))

@@ -28,7 +28,9 @@ Doc = tuple[str, str]  # (text, source id)
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
               # generated tables and vendored wheels, not representative prose or code
               "encodings", "pydoc_data", "ensurepip", "lib2to3", "turtledemo"}
-_CODE_CHUNK = 16_000  # bytes: long modules are cut at top-level statements into documents
+# Long modules / licence bundles are cut into documents of about this many bytes (at top-level
+# statements / paragraphs), so the hash split has enough units to give a usable validation set.
+_CHUNK = 8_000
 
 
 def _stable_order(names: list[str]) -> list[str]:
@@ -100,12 +102,12 @@ def public_docs(budget: int) -> list[Doc]:
 
 
 def _code_chunks(src: str) -> list[str]:
-    if len(src) <= _CODE_CHUNK:
+    if len(src) <= _CHUNK:
         return [src]
     chunks, current, size = [], [], 0
     for line in src.splitlines(keepends=True):
         top_level = line.startswith(("def ", "class ", "async def ", "@"))
-        if top_level and size >= _CODE_CHUNK and not (current and current[-1].startswith("@")):
+        if top_level and size >= _CHUNK and not (current and current[-1].startswith("@")):
             chunks.append("".join(current))
             current, size = [], 0
         current.append(line)
@@ -143,6 +145,19 @@ def _licence_files() -> list[str]:
     return [p for p in dict.fromkeys(found) if os.path.isfile(p)]
 
 
+def _paragraph_chunks(paragraphs: list[str]) -> list[str]:
+    chunks, current, size = [], [], 0
+    for para in paragraphs:
+        if current and size + len(para) > _CHUNK:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(para)
+        size += len(para) + 2
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
 def _normalise(paragraph: str) -> str:
     return re.sub(r"\s+", " ", paragraph.lower()).strip()
 
@@ -168,8 +183,8 @@ def legal_docs(budget: int) -> list[Doc]:
                     seen.add(norm)
                 if norm:
                     kept.append(para.strip("\n"))
-            doc = "\n\n".join(kept).strip()
-            if len(doc) >= 200:
-                yield doc + "\n", f"licence:{key[path]}"
+            for i, doc in enumerate(_paragraph_chunks(kept)):
+                if len(doc) >= 200:
+                    yield doc + "\n", f"licence:{key[path]}#{i}"
     return _take(gen(), budget)
 
