@@ -1,0 +1,103 @@
+"""Model directories: the unit that training exports, the stitcher writes and tools load.
+
+    DIR/
+      params/            orbax PyTree checkpoint of the full parameter tree (scanned layout)
+      model_config.json  ModelConfig fields (expert names in slot order)
+      meta.json          provenance: stage, step, sources, ... (free-form)
+
+Written to a temporary sibling and renamed, so a directory that exists is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flexolmo_jax.model.config import ModelConfig
+from flexolmo_jax.model.params import abstract_params
+
+CONFIG_FILE = "model_config.json"
+META_FILE = "meta.json"
+PARAMS_DIR = "params"
+
+
+class ModelDirError(ValueError):
+  pass
+
+
+def is_model_dir(path) -> bool:
+  p = pathlib.Path(path)
+  return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
+
+
+def read_config(path) -> ModelConfig:
+  p = pathlib.Path(path)
+  if not (p / CONFIG_FILE).is_file():
+    raise ModelDirError(f"{p} is not a model directory (no {CONFIG_FILE})")
+  d = json.loads((p / CONFIG_FILE).read_text())
+  d["expert_names"] = tuple(d.get("expert_names") or ())
+  return ModelConfig.from_dict(d)
+
+
+def read_meta(path) -> dict[str, Any]:
+  f = pathlib.Path(path) / META_FILE
+  return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> pathlib.Path:
+  """Write params + config + meta atomically (all processes call this in multi-host runs)."""
+  out = pathlib.Path(path).absolute()
+  if out.exists() and not overwrite:
+    raise ModelDirError(f"{out} already exists")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f".{out.name}.partial"
+  if jax.process_index() == 0 and tmp.exists():
+    shutil.rmtree(tmp)
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(tmp / PARAMS_DIR, params)
+  if jax.process_index() == 0:
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=1, default=str))
+    if out.exists():
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  return out
+
+
+def load_params(path, cfg: ModelConfig | None = None, shardings=None):
+  """Restore the params of a model directory (optionally straight into `shardings`)."""
+  p = pathlib.Path(path).absolute()
+  saved = read_config(p)
+  if cfg is not None and _arch(saved) != _arch(cfg):
+    raise ModelDirError(f"{p}: model config does not match: saved {_arch(saved)}, "
+                        f"expected {_arch(cfg)}")
+  cfg = cfg or saved
+  target = abstract_params(cfg)
+  if shardings is None:
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype), target)
+  else:
+    restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, dtype=x.dtype),
+                                target, shardings)
+  try:
+    return ocp.PyTreeCheckpointer().restore(
+        p / PARAMS_DIR, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  except Exception as e:  # orbax raises many types for corrupt/partial files
+    raise ModelDirError(f"cannot read params of {p}: {type(e).__name__}: {e}") from e
+
+
+def _arch(cfg: ModelConfig) -> dict[str, Any]:
+  """Fields that fix parameter shapes (dispatch, dtype, names may differ)."""
+  keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+          "ffn_hidden", "num_experts", "expert_bias", "scan_layers")
+  return {k: getattr(cfg, k) for k in keys}
+
+
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+  return _arch(a) == _arch(b)
