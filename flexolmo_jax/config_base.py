@@ -53,3 +53,39 @@ def model_config(config) -> ModelConfig:
   d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
   d["expert_names"] = tuple(d.get("expert_names") or ())
   return ModelConfig.from_dict(d)
+
+
+# What trains in each stage (regexes over parameter paths; expert slots where stacked).
+STAGE_TRAINABLE = {
+    "public": ([".*"], None),
+    "expert": (["mlp/(gate_proj|up_proj|down_proj|router|router_bias)$"], [1]),
+    "router": (["mlp/(router|router_bias)$"], None),
+}
+
+
+def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_collections.ConfigDict:
+  """Adds stage, train, data, init, checkpoint and eval blocks (FLEXOLMO.md section 1 defaults)."""
+  if stage not in STAGE_TRAINABLE:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_TRAINABLE)}")
+  trainable, experts = STAGE_TRAINABLE[stage]
+  config.stage = stage
+  config.seed = 0
+  tc = dict(
+      steps=1000, global_batch_size=8, seq_len=512,
+      lr=9e-4, warmup_steps=2000, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.0, clip=1.0,
+      router_z_loss=1e-3, output_z_loss=1e-5, load_balance=0.0,
+      trainable=trainable, trainable_experts=ml_collections.FieldReference(experts, field_type=list),
+      log_every=10, peak_flops_per_device=0.0,
+  )
+  if stage == "router":  # router tuning (paper section 1.4)
+    tc.update(lr=2e-3, warmup_steps=100, weight_decay=0.1)
+  tc.update(train)
+  config.train = ml_collections.ConfigDict(tc)
+  config.data = ml_collections.ConfigDict(dict(sources=[], tokenizer="", num_threads=2))
+  config.init = ml_collections.ConfigDict(dict(params="", public="", public_embedding="",
+                                               domain_embedding=""))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+  config.eval = ml_collections.ConfigDict(dict(sources={}, global_batch_size=8))
+  config.export = True
+  return config

@@ -86,7 +86,7 @@ class FlexOlmo(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, positions: Array | None = None,
                expert_mask: Array | None = None, cache: KVCache | None = None,
-               input_valid: Array | None = None):
+               input_valid: Array | None = None, return_hidden: bool = False):
     cfg = self.cfg
     B, T = input_ids.shape
     init = nn.initializers.normal(cfg.init_std)
@@ -114,6 +114,8 @@ class FlexOlmo(nn.Module):
         x, positions, expert_mask, key_valid, cache.index if cache is not None else None,
         layer_cache)
 
+    if return_hidden:  # final residual stream, before the last norm (domain embeddings)
+      return x
     x = RMSNorm(cfg, ("norm",), name="norm")(x)
     lm_head = param_with_axes(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               init, cfg)

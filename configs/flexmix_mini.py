@@ -1,0 +1,62 @@
+"""FlexOlmo lifecycle on the embedded FlexMix-mini corpus (the demo's configs).
+
+Argument: "STAGE[,DOMAIN][,SIZE]" with STAGE public | expert | router, DOMAIN one of the
+corpus domains (code, math, legal) for the expert stage, SIZE small (default; d_model 384 so
+the offline all-MiniLM-L6-v2 embedder serves) or tiny (tests).
+
+  python -m flexolmo_jax.build_flexmix_mini --out=$D
+  python -m flexolmo_jax.train --config=configs/flexmix_mini.py:public --workdir=$W/public \
+      --config.data.root=$D
+  python -m flexolmo_jax.router_init --data=$D/public --out=$W/public.npy
+  python -m flexolmo_jax.router_init --data=$D/math --out=$W/math.npy
+  python -m flexolmo_jax.train --config=configs/flexmix_mini.py:expert,math --workdir=$W/math \
+      --config.data.root=$D --config.init.public=$W/public/export \
+      --config.init.public_embedding=$W/public.npy --config.init.domain_embedding=$W/math.npy
+"""
+import os
+
+import ml_collections
+
+from flexolmo_jax import config_base as cb
+
+DOMAINS = ("code", "math", "legal")
+SIZES = {
+    "small": dict(d_model=384, n_layers=4, n_heads=6, n_kv_heads=6, ffn_hidden=1024),
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128),
+}
+
+
+def default_root():
+  base = os.environ.get("FLEXOLMO_DATA_DIR") or os.path.expanduser("~/.cache/flexolmo_jax")
+  return os.path.join(base, "flexmix_mini")
+
+
+def get_config(arg=None):
+  parts = (arg or "public").split(",")
+  stage = parts[0]
+  domain = next((p for p in parts[1:] if p in DOMAINS), None)
+  size = next((p for p in parts[1:] if p in SIZES), "small")
+  unknown = [p for p in parts[1:] if p not in DOMAINS and p not in SIZES]
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; domains {DOMAINS}, sizes {tuple(SIZES)}")
+  model = dict(vocab_size=8192, max_seq_len=256, eos_token_id=0, pad_token_id=1, **SIZES[size])
+  if stage == "expert":
+    if domain is None:
+      raise ValueError(f"the expert stage needs a domain: expert,{'|'.join(DOMAINS)}")
+    model.update(cb.moe_fields(("public", domain), top_k=2, expert_bias=True, dispatch="dense"))
+  elif stage == "router":
+    model.update(cb.moe_fields(("public",) + DOMAINS, top_k=2, dispatch="capacity",
+                               capacity_factor=2.0))
+  config = cb.base_config(cb.model_block(**model))
+  small = size == "tiny"
+  cb.add_training(config, stage, steps=20 if small else 300, global_batch_size=8,
+                  seq_len=64 if small else 256, lr=3e-3 if stage == "public" else 1e-3,
+                  warmup_steps=2 if small else 30, log_every=5 if small else 25)
+  config.data.root = default_root()
+  sources = {"public": ["public"], "expert": [domain], "router": ["public"] + list(DOMAINS)}[stage]
+  # Paths are resolved against data.root at run time unless absolute.
+  config.data.sources = [[s, 1.0] for s in sources]
+  config.data.tokenizer = "tokenizer.json"
+  config.eval.sources = {d: d for d in ("public",) + DOMAINS}
+  config.checkpoint.every = 10 if small else 100
+  return config

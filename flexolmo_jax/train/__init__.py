@@ -1,0 +1,1 @@
+"""Training: one loop for the public, expert and router-tuning stages (config decides)."""

@@ -1,0 +1,45 @@
+"""TensorBoard event files (tensorboardX) plus a console progress bar (tqdm), process 0 only."""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+
+  def __init__(self, workdir, total_steps: int, initial_step: int = 0, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    self._bar = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      from tqdm.auto import tqdm
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                       mininterval=1.0)
+
+  def scalars(self, step: int, values: Mapping[str, Any]):
+    if not self.enabled:
+      return
+    for k, v in values.items():
+      self._tb.add_scalar(k, float(np.asarray(v)), step)
+    self._tb.flush()
+
+  def progress(self, step: int, summary: Mapping[str, float]):
+    if not self.enabled:
+      return
+    self._bar.n = step
+    self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                           for k, v in summary.items()}, refresh=True)
+
+  def message(self, text: str):
+    if self.enabled:
+      self._bar.write(text)
+
+  def close(self):
+    if self.enabled:
+      self._bar.close()
+      self._tb.close()

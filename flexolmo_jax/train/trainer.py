@@ -1,0 +1,233 @@
+"""The training loop (one for every stage; the config says what trains).
+
+  build mesh and shardings -> initial params for the stage -> split trainable/frozen ->
+  resume from the latest complete checkpoint -> step, log, checkpoint -> export params
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flexolmo_jax import config_base, model_io
+from flexolmo_jax.data import make_eval_loader, make_train_loader
+from flexolmo_jax.model import abstract_params, param_logical_axes
+from flexolmo_jax.model.flops import peak_flops_for, train_flops
+from flexolmo_jax.parallel import (activation_sharding, fit_spec, logical_shardings, make_mesh,
+                                   rules_from_config)
+from flexolmo_jax.train import checkpoint as ckpt
+from flexolmo_jax.train.init import fingerprint, initial_params
+from flexolmo_jax.train.metrics import MetricWriter
+from flexolmo_jax.train.optim import make_optimizer
+from flexolmo_jax.train.partition import flatten, make_partition, sliced_shape
+from flexolmo_jax.train.step import init_state, make_eval_fn, make_step_fn
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask")
+EXIT_PREEMPTED = 143
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+class Preempted(SystemExit):
+  def __init__(self):
+    super().__init__(EXIT_PREEMPTED)
+
+
+def _split_shardings(partition, full_shardings, shapes, mesh):
+  flat_sh, flat_shape = flatten(full_shardings), flatten(shapes)
+  t_sh, f_sh = {}, {}
+  for key, rule in partition.rules:
+    spec = flat_sh[key].spec
+    if rule.trainable:
+      t_sh[key] = NamedSharding(mesh, fit_spec(spec, sliced_shape(flat_shape[key].shape, rule, True), mesh))
+    if not rule.trainable or (rule.slots is not None and rule.frozen_slots):
+      f_sh[key] = NamedSharding(mesh, fit_spec(spec, sliced_shape(flat_shape[key].shape, rule, False), mesh))
+  return t_sh, f_sh
+
+
+def data_path(config, path) -> str:
+  """Relative data paths resolve against config.data.root when the config has one."""
+  root = config.data.get("root", "")
+  path = str(path)
+  if root and not pathlib.Path(path).is_absolute():
+    return str(pathlib.Path(root) / path)
+  return path
+
+
+def _sources(config):
+  out = []
+  for item in config.data.sources:
+    if isinstance(item, str):
+      out.append((data_path(config, item), 1.0))
+    else:
+      out.append((data_path(config, item[0]), float(item[1])))
+  if not out:
+    raise TrainingError("config.data.sources is empty")
+  return out
+
+
+def _data_fingerprint(config) -> dict:
+  tc = config.train
+  return {"sources": _sources(config), "tokenizer": data_path(config, config.data.tokenizer),
+          "seq_len": int(tc.seq_len), "global_batch_size": int(tc.global_batch_size),
+          "seed": int(config.seed)}
+
+
+def _peak_flops(tc):
+  if tc.peak_flops_per_device:
+    return float(tc.peak_flops_per_device)
+  return peak_flops_for(jax.devices()[0].device_kind)
+
+
+def _global_batch(local, shardings):
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
+          for k in BATCH_KEYS}
+
+
+def evaluate(params, cfg, rules, config, mesh, batch_sh, expert_mask=None) -> dict[str, float]:
+  """Mean token loss on each `config.eval.sources` validation split (exact over the split)."""
+  results = {}
+  if not config.eval.sources:
+    return results
+  fn = jax.jit(make_eval_fn(cfg, rules))
+  for name, path in config.eval.sources.items():
+    loader = make_eval_loader(data_path(config, path), data_path(config, config.data.tokenizer),
+                              int(config.train.seq_len),
+                              int(config.eval.global_batch_size))
+    total = count = 0.0
+    for local in loader:
+      s, n = fn(params, _global_batch(local, batch_sh), expert_mask)
+      total += float(s)
+      count += float(n)
+    results[name] = total / max(count, 1.0)
+  return results
+
+
+def train(config, workdir) -> dict:
+  """Runs (or resumes) training in `workdir`; returns a summary dict."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg = config_base.model_config(config)
+  if not cfg.scan_layers:
+    raise TrainingError("training needs model.scan_layers=True")
+  tc = config.train
+  rules = rules_from_config(config.axis_rules)
+  mesh = make_mesh(config.mesh.to_dict())
+  shapes = abstract_params(cfg)
+  full_sh = logical_shardings(param_logical_axes(cfg), shapes, mesh, rules)
+  partition = make_partition(shapes, param_logical_axes(cfg), list(tc.trainable),
+                             None if tc.trainable_experts is None else list(tc.trainable_experts))
+  t_sh, f_sh = _split_shardings(partition, full_sh, shapes, mesh)
+  B, T = int(tc.global_batch_size), int(tc.seq_len)
+  batch_sh = {k: activation_sharding(mesh, ("act_batch", "act_length"), (B, T), rules)
+              for k in BATCH_KEYS}
+  tx, schedule = make_optimizer(tc)
+
+  with jax.set_mesh(mesh):
+    params, provenance = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)))
+    trainable, frozen = jax.jit(partition.split, out_shardings=(t_sh, f_sh))(params)
+    del params
+    state = jax.jit(lambda t: init_state(t, tx))(trainable)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    meta = {"stage": config.stage, "model": cfg.to_dict(), "init": provenance,
+            "init_fingerprint": fingerprint(provenance), "data": _data_fingerprint(config),
+            "trainable": partition.describe()}
+
+    manager = ckpt.make_manager(workdir, config.checkpoint.every, config.checkpoint.keep,
+                                config.checkpoint.async_save)
+    latest = manager.latest_step()
+    if latest is not None:
+      state, saved_meta = ckpt.restore(manager, latest, ckpt.abstract_like(state))
+      for key in ("init_fingerprint", "data", "stage"):
+        if saved_meta.get(key) != json.loads(json.dumps(meta[key])):
+          raise TrainingError(
+              f"{workdir} holds a checkpoint (step {latest}) made with a different {key}: "
+              f"saved {saved_meta.get(key)!r}, now {meta[key]!r}. Use a new --workdir.")
+      logging.info("resumed from step %d", latest)
+    start = int(jax.device_get(state["step"]))
+
+    step_fn = jax.jit(make_step_fn(cfg, partition, tx, schedule, tc, rules),
+                      in_shardings=(state_sh, f_sh, batch_sh),
+                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+    writer = MetricWriter(workdir, int(tc.steps), start)
+    if start == 0:
+      writer.message(f"stage {config.stage}: training {', '.join(partition.describe())}")
+    preempt = ckpt.PreemptionFlag().install()
+    flops = train_flops(cfg, B, T)
+    peak = _peak_flops(tc)
+    n_dev = jax.device_count()
+    loader = make_train_loader(_sources(config), data_path(config, config.data.tokenizer), T, B,
+                               int(config.seed), start_step=start,
+                               num_threads=int(config.data.num_threads))
+    batches = iter(loader)
+    t0, last_logged, last_metrics = time.perf_counter(), start, {}
+    try:
+      for step in range(start, int(tc.steps)):
+        batch = _global_batch(next(batches), batch_sh)
+        state, metrics = step_fn(state, frozen, batch)
+        done = step + 1
+        log_now = done % int(tc.log_every) == 0 or done == int(tc.steps)
+        save_now = manager.should_save(done) or done == int(tc.steps) or bool(preempt) \
+            or manager.reached_preemption(done)
+        if log_now or save_now:
+          m = jax.device_get(metrics)
+          skipped = int(jax.device_get(state["skipped"]))
+          if skipped or not bool(m["finite"]):
+            manager.wait_until_finished()
+            raise TrainingError(
+                f"non-finite loss or gradient at or before step {done} (loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}); stopped without saving. The last good "
+                f"checkpoint is step {manager.latest_step()} in {workdir / 'checkpoints'}.")
+          if log_now:
+            dt = time.perf_counter() - t0
+            steps_done = done - last_logged
+            scalars = {k: float(m[k]) for k in ("loss", "ce", "router_z_loss", "output_z_loss",
+                                                "load_balance_loss", "grad_norm", "lr")}
+            scalars["tokens_per_s"] = steps_done * B * T / dt
+            if peak:
+              scalars["mfu"] = steps_done * flops / dt / (peak * n_dev)
+            if cfg.is_moe:
+              for i, name in enumerate(cfg.names):
+                scalars[f"router_prob/{name}"] = float(m["expert_prob"][i])
+                scalars[f"router_share/{name}"] = float(m["expert_fraction"][i])
+              scalars["dropped_assignments"] = float(m["dropped"])
+            writer.scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+            writer.progress(done, {"loss": scalars["loss"], "tok/s": round(scalars["tokens_per_s"])})
+            last_metrics = scalars
+            t0, last_logged = time.perf_counter(), done
+          if save_now:
+            ckpt.save(manager, done, state, meta, force=True)
+        if preempt or manager.reached_preemption(done):
+          manager.wait_until_finished()
+          writer.message(f"preempted: saved step {done}; rerun the same command to resume")
+          raise Preempted()
+      manager.wait_until_finished()
+    finally:
+      preempt.uninstall()
+      writer.close()
+
+    final_step = int(jax.device_get(state["step"]))
+    params = jax.jit(partition.merge)(state["params"], frozen)
+    export_dir = workdir / "export"
+    export_meta = {"stage": config.stage, "step": final_step, "init": provenance,
+                   "workdir": str(workdir)}
+    if config.export and (not model_io.is_model_dir(export_dir)
+                          or model_io.read_meta(export_dir).get("step") != final_step):
+      model_io.save_model_dir(export_dir, params, cfg, export_meta, overwrite=True)
+    eval_results = evaluate(params, cfg, rules, config, mesh, {
+        k: activation_sharding(mesh, ("act_batch", "act_length"),
+                               (int(config.eval.global_batch_size), T), rules)
+        for k in BATCH_KEYS})
+    summary = {"step": final_step, "workdir": str(workdir), "train": last_metrics,
+               "eval_loss": eval_results}
+    if jax.process_index() == 0:
+      (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
