@@ -80,8 +80,9 @@ def load_params(path, cfg: ModelConfig | None = None, shardings=None):
                         f"expected {_arch(cfg)}")
   cfg = cfg or saved
   target = abstract_params(cfg)
-  if shardings is None:
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype), target)
+  if shardings is None:  # one local device; callers that shard pass `shardings`
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=one, dtype=x.dtype), target)
   else:
     restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, dtype=x.dtype),
                                 target, shardings)

@@ -6,3 +6,36 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def flexmix_tiny(tmp_path_factory):
+  """FlexMix-mini at a tenth of its size (built once per test session)."""
+  from flexolmo_jax.data import build_flexmix_mini
+  out = tmp_path_factory.mktemp("flexmix") / "flexmix_mini"
+  build_flexmix_mini(str(out), scale=0.1, seq_len=64)
+  return out
+
+
+@pytest.fixture(scope="session")
+def public_model(flexmix_tiny, tmp_path_factory):
+  """A tiny public model trained on the public split, with public/math domain embeddings."""
+  import numpy as np
+  from flexolmo_jax.train.trainer import train
+  from train_utils import tiny_stage_config
+  work = tmp_path_factory.mktemp("public")
+  config = tiny_stage_config("public", flexmix_tiny, steps=40, log_every=10)
+  config.checkpoint.every = 20
+  summary = train(config, work)
+  rng = np.random.default_rng(0)
+  embeddings = {}
+  for name in ("public", "math", "code", "legal"):
+    v = rng.normal(size=config.model.d_model).astype(np.float32)
+    path = work / f"{name}.npy"
+    np.save(path, v / np.linalg.norm(v))
+    embeddings[name] = path
+  return {"dir": work / "export", "summary": summary, "embeddings": embeddings,
+          "data": flexmix_tiny}

@@ -57,3 +57,10 @@ class PreemptionFlag:
 
   def __bool__(self):
     return self._event.is_set()
+
+
+def restore_as_saved(manager: ocp.CheckpointManager, step: int):
+  """Restore without a target (inspection, tools): arrays on the default device."""
+  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+  return out["state"], out["meta"]

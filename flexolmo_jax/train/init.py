@@ -71,8 +71,8 @@ def fingerprint(*parts) -> str:
   return h.hexdigest()[:16]
 
 
-def initial_params(config, cfg: ModelConfig, shardings, rng):
-  """Returns (params, provenance dict). Params are placed in `shardings`."""
+def initial_params(config, cfg: ModelConfig, shardings, rng, mesh=None, rules=None):
+  """Returns (params, provenance dict). Params are placed in `shardings` (on `mesh`)."""
   stage = config.stage
   ic = config.init
   if stage == "public":
@@ -83,12 +83,16 @@ def initial_params(config, cfg: ModelConfig, shardings, rng):
   if stage == "expert":
     if not ic.public:
       raise InitError("expert stage needs config.init.public (the public model directory)")
-    public_cfg = model_io.read_config(ic.public)
-    public_params = model_io.load_params(ic.public, public_cfg.replace(scan_layers=True))
+    from flexolmo_jax.parallel import param_shardings
+    public_cfg = model_io.read_config(ic.public).replace(scan_layers=True)
     r_pub = load_embedding(ic.public_embedding, cfg.d_model, "public")
     r_dom = load_embedding(ic.domain_embedding, cfg.d_model, "domain")
-    params = expert_from_public(public_params, public_cfg, cfg, r_pub, r_dom)
-    params = jax.device_put(params, shardings)
+    # Restore the public model straight into its sharded layout, then build the experts on
+    # device: no host ever holds the whole model.
+    public_sh = param_shardings(public_cfg, mesh, rules) if mesh is not None else None
+    public_params = model_io.load_params(ic.public, public_cfg, public_sh)
+    build = lambda p: expert_from_public(p, public_cfg, cfg, r_pub, r_dom)
+    params = jax.jit(build, out_shardings=shardings)(public_params)
     return params, {"from": str(ic.public), "public_meta": model_io.read_meta(ic.public),
                     "public_embedding": str(ic.public_embedding),
                     "domain_embedding": str(ic.domain_embedding),

@@ -34,15 +34,17 @@ def make_step_fn(cfg, partition, tx, schedule, tc, rules):
   def step(state, frozen, batch):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen,
                                                                       batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = optax.tree.norm(updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "skipped": state["skipped"] + (~ok).astype(jnp.int32)}
-    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]), finite=ok)
+    metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
+                   lr=schedule(state["step"]), finite=ok)
     return new_state, metrics
 
   return step

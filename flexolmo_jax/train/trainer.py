@@ -111,8 +111,11 @@ def evaluate(params, cfg, rules, config, mesh, batch_sh, expert_mask=None) -> di
   return results
 
 
-def train(config, workdir) -> dict:
-  """Runs (or resumes) training in `workdir`; returns a summary dict."""
+def train(config, workdir, devices=None) -> dict:
+  """Runs (or resumes) training in `workdir`; returns a summary dict.
+
+  devices: the devices of the mesh (default: all); tests pass a subset to compare layouts.
+  """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   cfg = config_base.model_config(config)
@@ -120,7 +123,7 @@ def train(config, workdir) -> dict:
     raise TrainingError("training needs model.scan_layers=True")
   tc = config.train
   rules = rules_from_config(config.axis_rules)
-  mesh = make_mesh(config.mesh.to_dict())
+  mesh = make_mesh(config.mesh.to_dict(), devices)
   shapes = abstract_params(cfg)
   full_sh = logical_shardings(param_logical_axes(cfg), shapes, mesh, rules)
   partition = make_partition(shapes, param_logical_axes(cfg), list(tc.trainable),
@@ -132,7 +135,8 @@ def train(config, workdir) -> dict:
   tx, schedule = make_optimizer(tc)
 
   with jax.set_mesh(mesh):
-    params, provenance = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)))
+    params, provenance = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)),
+                                        mesh, rules)
     trainable, frozen = jax.jit(partition.split, out_shardings=(t_sh, f_sh))(params)
     del params
     state = jax.jit(lambda t: init_state(t, tx))(trainable)
@@ -163,7 +167,7 @@ def train(config, workdir) -> dict:
     preempt = ckpt.PreemptionFlag().install()
     flops = train_flops(cfg, B, T)
     peak = _peak_flops(tc)
-    n_dev = jax.device_count()
+    n_dev = mesh.devices.size
     loader = make_train_loader(_sources(config), data_path(config, config.data.tokenizer), T, B,
                                int(config.seed), start_step=start,
                                num_threads=int(config.data.num_threads))
