@@ -164,6 +164,8 @@ def train(config, workdir, devices=None) -> dict:
     writer = MetricWriter(workdir, int(tc.steps), start)
     if start == 0:
       writer.message(f"stage {config.stage}: training {', '.join(partition.describe())}")
+    else:
+      writer.message(f"resumed from step {start} ({workdir / 'checkpoints'})")
     preempt = ckpt.PreemptionFlag().install()
     flops = train_flops(cfg, B, T)
     peak = _peak_flops(tc)
