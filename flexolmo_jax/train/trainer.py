@@ -5,10 +5,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,19 +113,74 @@ def evaluate(params, cfg, rules, config, mesh, batch_sh, expert_mask=None) -> di
   return results
 
 
-def train(config, workdir, devices=None) -> dict:
-  """Runs (or resumes) training in `workdir`; returns a summary dict.
+@dataclasses.dataclass
+class TrainingSetup:
+  """Everything about a training run that follows from its config and mesh (no data, no I/O):
+  what trains, every sharding, the optimizer and the jitted step. The AOT planner lowers the
+  same step for a TPU topology."""
+  config: Any
+  cfg: Any
+  mesh: Any
+  rules: Any
+  partition: Any
+  tx: Any
+  schedule: Any
+  param_shardings: Any
+  trainable_shardings: dict
+  frozen_shardings: dict
+  batch_shardings: dict
+  state_shardings: Any = None
 
-  devices: the devices of the mesh (default: all); tests pass a subset to compare layouts.
-  """
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  def abstract_trainable_frozen(self):
+    shapes = flatten(abstract_params(self.cfg))
+    t, f = {}, {}
+    for key, rule in self.partition.rules:
+      dt = shapes[key].dtype
+      if key in self.trainable_shardings:
+        t[key] = jax.ShapeDtypeStruct(sliced_shape(shapes[key].shape, rule, True), dt,
+                                      sharding=self.trainable_shardings[key])
+      if key in self.frozen_shardings:
+        f[key] = jax.ShapeDtypeStruct(sliced_shape(shapes[key].shape, rule, False), dt,
+                                      sharding=self.frozen_shardings[key])
+    return t, f
+
+  def abstract_batch(self):
+    tc = self.config.train
+    shape = (int(tc.global_batch_size), int(tc.seq_len))
+    dtypes = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=self.batch_shardings[k])
+            for k in BATCH_KEYS}
+
+  def init_state_fn(self):
+    return jax.jit(lambda t: init_state(t, self.tx), in_shardings=(self.trainable_shardings,))
+
+  def abstract_state(self):
+    """State ShapeDtypeStructs with the shardings the compiler picks for the optimizer state."""
+    t, _ = self.abstract_trainable_frozen()
+    compiled = self.init_state_fn().lower(t).compile()
+    shapes = jax.eval_shape(lambda x: init_state(x, self.tx), t)
+    self.state_shardings = compiled.output_shardings
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, self.state_shardings)
+
+  def jit_step(self):
+    if self.state_shardings is None:
+      self.abstract_state()
+    fn = make_step_fn(self.cfg, self.partition, self.tx, self.schedule, self.config.train,
+                      self.rules)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                     self.batch_shardings),
+                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                   donate_argnums=(0,))
+
+
+def setup_training(config, mesh=None, devices=None) -> TrainingSetup:
   cfg = config_base.model_config(config)
   if not cfg.scan_layers:
     raise TrainingError("training needs model.scan_layers=True")
   tc = config.train
   rules = rules_from_config(config.axis_rules)
-  mesh = make_mesh(config.mesh.to_dict(), devices)
+  mesh = mesh if mesh is not None else make_mesh(config.mesh.to_dict(), devices)
   shapes = abstract_params(cfg)
   full_sh = logical_shardings(param_logical_axes(cfg), shapes, mesh, rules)
   partition = make_partition(shapes, param_logical_axes(cfg), list(tc.trainable),
@@ -133,14 +190,32 @@ def train(config, workdir, devices=None) -> dict:
   batch_sh = {k: activation_sharding(mesh, ("act_batch", "act_length"), (B, T), rules)
               for k in BATCH_KEYS}
   tx, schedule = make_optimizer(tc)
+  return TrainingSetup(config, cfg, mesh, rules, partition, tx, schedule, full_sh, t_sh, f_sh,
+                       batch_sh)
+
+
+def train(config, workdir, devices=None) -> dict:
+  """Runs (or resumes) training in `workdir`; returns a summary dict.
+
+  devices: the devices of the mesh (default: all); tests pass a subset to compare layouts.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  setup = setup_training(config, devices=devices)
+  cfg, mesh, rules, partition = setup.cfg, setup.mesh, setup.rules, setup.partition
+  tc = config.train
+  B, T = int(tc.global_batch_size), int(tc.seq_len)
+  full_sh, t_sh, f_sh = setup.param_shardings, setup.trainable_shardings, setup.frozen_shardings
+  batch_sh = setup.batch_shardings
 
   with jax.set_mesh(mesh):
     params, provenance = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)),
                                         mesh, rules)
     trainable, frozen = jax.jit(partition.split, out_shardings=(t_sh, f_sh))(params)
     del params
-    state = jax.jit(lambda t: init_state(t, tx))(trainable)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = setup.jit_step()
+    state = setup.init_state_fn()(trainable)
+    state_sh = setup.state_shardings
     meta = {"stage": config.stage, "model": cfg.to_dict(), "init": provenance,
             "init_fingerprint": fingerprint(provenance), "data": _data_fingerprint(config),
             "trainable": partition.describe()}
@@ -158,9 +233,6 @@ def train(config, workdir, devices=None) -> dict:
       logging.info("resumed from step %d", latest)
     start = int(jax.device_get(state["step"]))
 
-    step_fn = jax.jit(make_step_fn(cfg, partition, tx, schedule, tc, rules),
-                      in_shardings=(state_sh, f_sh, batch_sh),
-                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
     writer = MetricWriter(workdir, int(tc.steps), start)
     if start == 0:
       writer.message(f"stage {config.stage}: training {', '.join(partition.describe())}")
