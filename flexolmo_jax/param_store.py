@@ -1,0 +1,351 @@
+"""Tensor-at-a-time access to a model directory's params, for tools that must not hold a model.
+
+The stitcher and the converters move 37B-parameter models on hosts that cannot hold one, so they
+never restore a whole tree: `ParamReader` opens one array of DIR/params with tensorstore and
+reads index slices of it; `ParamWriter` creates the arrays of a new DIR/params and fills them
+chunk by chunk. Both speak the layout orbax uses, so `model_io.load_params` restores what
+`ParamWriter` wrote (and `ParamReader` reads what `save_model_dir` / orbax wrote):
+
+  * reading: orbax OCDBT (the default save) or plain per-array zarr directories;
+  * writing: plain zarr v2, one directory per array and one *uncompressed* file per chunk.
+    Chunks are one layer (and one expert) of a tensor, split further into row blocks of at
+    most CHUNK_BYTES, so every piece the tools write is a whole chunk (no read-modify-write)
+    and a truncated chunk file is caught on read (zarr checks the byte count).
+
+`layer_chunking` gives orbax the same per-layer/per-expert chunking for `save_model_dir`, so
+training exports can be streamed too.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import math
+import os
+import pathlib
+import shutil
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing jax)
+CHUNK_BYTES = 64 << 20  # upper bound of one stored chunk / one streamed piece
+_METADATA = "_METADATA"
+
+Path = tuple  # a param path, e.g. ("decoder", "layers", "mlp", "gate_proj")
+EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "router", "router_bias")
+
+
+class StoreError(ValueError):
+  """A params directory is missing, unreadable or corrupt (names the file and tensor)."""
+
+
+def leaf_name(path: Path) -> str:
+  return ".".join(path)
+
+
+def lead_axes(path: Path, moe: bool) -> int:
+  """How many leading axes index a layer / an expert: those are chunked one index at a time."""
+  n = 0
+  if len(path) > 1 and path[0] == "decoder" and path[1] == "layers":
+    n += 1  # scanned layers are stacked on axis 0
+  if moe and len(path) > 1 and path[-2] == "mlp" and path[-1] in EXPERT_LEAVES:
+    n += 1  # experts stacked on the next axis
+  return n
+
+
+def chunk_shape(path: Path, shape, itemsize: int, moe: bool,
+                chunk_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
+  """One layer (and expert) per chunk, then row blocks so a chunk stays under chunk_bytes."""
+  shape = tuple(int(s) for s in shape)
+  if not shape:
+    return ()
+  n = min(lead_axes(path, moe), len(shape))
+  chunks = [1] * n + list(shape[n:])
+  if n < len(shape):
+    row = itemsize * math.prod(shape[n + 1:])
+    chunks[n] = max(1, min(shape[n], chunk_bytes // max(row, 1)))
+  return tuple(max(1, c) for c in chunks)
+
+
+def chunk_grid(shape, chunks) -> Iterator[tuple[slice, ...]]:
+  """Index tuples (slices) of every chunk, in C order of the chunk grid."""
+  ranges = [range(0, max(int(s), 1), int(c)) for s, c in zip(shape, chunks)]
+  if not ranges:
+    yield ()
+    return
+  for starts in np.ndindex(*[len(r) for r in ranges]):
+    yield tuple(slice(r[i], min(r[i] + c, s)) for r, i, c, s in zip(ranges, starts, chunks, shape))
+
+
+def layer_chunking(cfg, tree):
+  """orbax SaveArgs giving `save_model_dir` the per-layer/per-expert chunks described above."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  def args(path, leaf):
+    keys = tuple(getattr(k, "key", str(k)) for k in path)
+    n = min(lead_axes(keys, cfg.is_moe), len(getattr(leaf, "shape", ())))
+    return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=tuple(range(n)))
+
+  return jax.tree_util.tree_map_with_path(args, tree)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _params_root(model_dir) -> pathlib.Path:
+  return pathlib.Path(model_dir).absolute() / PARAMS_DIR
+
+
+class ParamReader:
+  """Reads slices of the arrays of MODEL_DIR/params without restoring the tree.
+
+  A chunk is decoded whole; when a stored chunk spans more than one streamed piece (a layer, or
+  CHUNK_BYTES of rows) -- checkpoints written by orbax's defaults store each array as a single
+  chunk -- the array gets a cache of one chunk so it is decoded once, not once per piece.
+  Call `release` when done with an array to drop that cache.
+  """
+
+  def __init__(self, model_dir, label: str | None = None):
+    self.model_dir = pathlib.Path(model_dir).absolute()
+    self.label = label or str(self.model_dir)
+    self.root = _params_root(model_dir)
+    meta_file = self.root / _METADATA
+    if not meta_file.is_file():
+      raise StoreError(f"{self.label}: {meta_file} is missing (not a params checkpoint written "
+                       f"by orbax or this project, or an incomplete copy)")
+    try:
+      meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+      raise StoreError(f"{self.label}: {meta_file} is not valid JSON ({e})") from e
+    self.use_ocdbt = bool(meta.get("use_ocdbt", (self.root / "manifest.ocdbt").exists()))
+    self.use_zarr3 = bool(meta.get("use_zarr3", False))
+    self.paths = [tuple(k["key"] for k in v["key_metadata"])
+                  for v in meta.get("tree_metadata", {}).values()]
+    self._arrays: dict[Path, ts.TensorStore] = {}
+
+  def _spec(self, path: Path) -> dict[str, Any]:
+    name = leaf_name(path)
+    if self.use_ocdbt:
+      kv = {"driver": "ocdbt", "base": {"driver": "file", "path": str(self.root) + "/"},
+            "path": name}
+    else:
+      kv = {"driver": "file", "path": str(self.root / name) + "/"}
+    return {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv,
+            "recheck_cached_data": False, "recheck_cached_metadata": False}
+
+  def has(self, path: Path) -> bool:
+    return tuple(path) in self.paths
+
+  def array(self, path: Path, moe: bool = False) -> ts.TensorStore:
+    path = tuple(path)
+    if path not in self._arrays:
+      if path not in self.paths:
+        raise StoreError(f"{self.label}: no tensor {leaf_name(path)} in {self.root}")
+      try:
+        arr = ts.open(self._spec(path), read=True).result()
+        chunk = tuple(arr.chunk_layout.read_chunk.shape)
+        piece = chunk_shape(path, arr.shape, arr.dtype.numpy_dtype.itemsize, moe)
+        if any(c > p for c, p in zip(chunk, piece)):
+          nbytes = math.prod(chunk) * arr.dtype.numpy_dtype.itemsize
+          ctx = ts.Context({"cache_pool": {"total_bytes_limit": nbytes + (1 << 20)}})
+          arr = ts.open(self._spec(path), read=True, context=ctx).result()
+      except Exception as e:  # tensorstore raises ValueError for missing/corrupt metadata
+        raise StoreError(f"{self.label}: cannot open tensor {leaf_name(path)} in {self.root}: "
+                         f"{e}") from e
+      self._arrays[path] = arr
+    return self._arrays[path]
+
+  def shape_dtype(self, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    arr = self.array(path)
+    return tuple(arr.shape), arr.dtype.numpy_dtype
+
+  def read(self, path: Path, index=(), moe: bool = False) -> np.ndarray:
+    try:
+      return np.asarray(self.array(path, moe)[index].read().result())
+    except StoreError:
+      raise
+    except Exception as e:  # truncated / corrupt chunk files surface here
+      raise StoreError(f"{self.label}: cannot read tensor {leaf_name(path)}"
+                       f"{describe_index(index)} from {self.root} (truncated or corrupt file?): "
+                       f"{_short(e)}") from e
+
+  def release(self, path: Path) -> None:
+    self._arrays.pop(tuple(path), None)
+
+
+def describe_index(index) -> str:
+  if not index:
+    return ""
+  parts = []
+  for i in index:
+    if isinstance(i, slice):
+      parts.append(f"{i.start}:{i.stop}")
+    else:
+      parts.append(str(i))
+  return "[" + ", ".join(parts) + "]"
+
+
+def _short(e: Exception, n: int = 300) -> str:
+  s = str(e).splitlines()[0] if str(e) else type(e).__name__
+  return s[:n]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+class ParamWriter:
+  """Creates the arrays of a new params directory and fills them piece by piece.
+
+  leaves: {path: (shape, dtype)}. Pieces must be whole chunks (iterate `pieces(path)`).
+  `finish()` writes orbax's _METADATA; without it the directory does not restore.
+  """
+
+  def __init__(self, params_dir, leaves: dict[Path, tuple[tuple[int, ...], Any]], moe: bool,
+               chunk_bytes: int = CHUNK_BYTES):
+    self.root = pathlib.Path(params_dir).absolute()
+    self.root.mkdir(parents=True, exist_ok=True)
+    self.leaves = {tuple(p): (tuple(int(s) for s in shape), np.dtype(dt))
+                   for p, (shape, dt) in leaves.items()}
+    self.moe = moe
+    self.chunks = {p: chunk_shape(p, s, d.itemsize, moe, chunk_bytes)
+                   for p, (s, d) in self.leaves.items()}
+    self._arrays: dict[Path, ts.TensorStore] = {}
+
+  def _open(self, path: Path) -> ts.TensorStore:
+    if path not in self._arrays:
+      shape, dtype = self.leaves[path]
+      spec = {
+          "driver": "zarr",
+          "kvstore": {"driver": "file", "path": str(self.root / leaf_name(path)) + "/"},
+          "dtype": np.dtype(dtype).name,
+          "metadata": {"shape": list(shape), "chunks": list(self.chunks[path]) or [1],
+                       "compressor": None, "fill_value": None},
+          # orbax restores with fill_missing_data_reads=False: every chunk must exist, even
+          # an all-zero one (e.g. the unused bias of the public slot).
+          "store_data_equal_to_fill_value": True,
+          "create": True, "delete_existing": True,
+      }
+      if not shape:
+        spec["metadata"]["shape"], spec["metadata"]["chunks"] = [], []
+      self._arrays[path] = ts.open(spec).result()
+    return self._arrays[path]
+
+  def pieces(self, path: Path) -> Iterator[tuple[slice, ...]]:
+    shape, _ = self.leaves[tuple(path)]
+    return chunk_grid(shape, self.chunks[tuple(path)])
+
+  def write(self, path: Path, index, value: np.ndarray) -> None:
+    path = tuple(path)
+    shape, dtype = self.leaves[path]
+    value = np.asarray(value)
+    if value.dtype != dtype:
+      raise StoreError(f"{leaf_name(path)}{describe_index(index)}: dtype {value.dtype}, "
+                       f"expected {dtype}")
+    self._open(path)[index].write(value).result()
+
+  def release(self, path: Path) -> None:
+    self._arrays.pop(tuple(path), None)
+
+  def finish(self) -> None:
+    for p in self.leaves:
+      self._open(p)  # arrays that were never written still need their metadata
+    tree = {}
+    for p, (shape, _) in sorted(self.leaves.items()):
+      tree[str(tuple(p))] = {
+          "key_metadata": [{"key": k, "key_type": 2} for k in p],  # 2 = dict key
+          "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                             "write_shape": list(shape)},
+      }
+    meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    (self.root / _METADATA).write_text(json.dumps(meta))
+    self._arrays.clear()
+
+
+def tree_leaves(abstract_tree) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+  """{path: (shape, dtype)} of a tree of ShapeDtypeStructs (e.g. abstract_params(cfg))."""
+  import jax
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    out[tuple(getattr(k, "key", str(k)) for k in path)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+  return out
+
+
+def params_nbytes(model_dir) -> int:
+  root = _params_root(model_dir)
+  return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+# --- bounded, ordered parallelism ------------------------------------------------------------
+
+def ordered_map(fn: Callable, items: Iterable, workers: int = 2,
+                window: int | None = None) -> Iterator:
+  """map(fn, items) on `workers` threads, in order, with at most `window` items in flight.
+
+  Executor.map submits every item at once; here the window bounds host memory to `window`
+  pieces no matter how many tensors, layers or experts there are. The first exception (in item
+  order) propagates, and nothing after it is started.
+  """
+  window = window or workers + 1
+  if workers <= 1:
+    for item in items:
+      yield fn(item)
+    return
+  pending: collections.deque = collections.deque()
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  try:
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      while len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+  finally:
+    for f in pending:
+      f.cancel()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- atomic output directories ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def staged_output(target, overwrite: bool = False, error=StoreError) -> Iterator[pathlib.Path]:
+  """Build in `.NAME.partial` next to `target`, rename onto it only when the body succeeded.
+
+  The partial name is fixed, so a run killed with SIGKILL leaves one clearly named leftover
+  that the next run removes (a lock file keeps two runs on one target apart). Nothing that
+  looks like a finished output is ever visible at `target` before the final rename.
+  """
+  target = pathlib.Path(target).absolute()
+  if target.exists() and not overwrite:
+    raise error(f"{target} already exists (pass --overwrite to replace it)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  lock_path = target.parent / f".{target.name}.lock"
+  with open(lock_path, "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      raise error(f"another process is writing {target} (lock {lock_path})") from e
+    tmp = target.parent / f".{target.name}.partial"
+    if tmp.exists():
+      shutil.rmtree(tmp)  # left behind by an interrupted run
+    tmp.mkdir()
+    try:
+      yield tmp
+      if target.exists():
+        if not overwrite:
+          raise error(f"{target} appeared while writing; not replacing it")
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(tmp, target)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        lock_path.unlink()
