@@ -12,8 +12,6 @@ The last line is a JSON summary.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
 import sys
 
@@ -23,27 +21,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import median_time, peak_rss_mb  # noqa: E402
+from common import hf_flexolmo, median_time, peak_rss_mb, report  # noqa: E402
 from flexolmo_jax.model import FlexOlmo, ModelConfig, init_params  # noqa: E402
+from flexolmo_jax.model.flops import forward_flops  # noqa: E402
 from flexolmo_jax.model.layers import MLP  # noqa: E402
 from flexolmo_jax.model.moe import MoE  # noqa: E402
 
 BENCH = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, ffn_hidden=688,
              num_experts=4, top_k=2, dispatch="capacity", capacity_factor=1.25,
              eos_token_id=1, pad_token_id=0, max_seq_len=512)
-
-
-def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
-  """Model FLOPs of one forward pass (useful work only; capacity padding not counted)."""
-  d, L, V, I = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.ffn_hidden
-  hd = cfg.n_heads * cfg.head_dim
-  kvd = cfg.n_kv_heads * cfg.head_dim
-  per_token = L * (2 * d * (2 * hd + 2 * kvd)  # q, o and k, v projections
-                   + 2 * 2 * seq * hd  # scores and weighted sum (full square)
-                   + 2 * 3 * d * I * max(cfg.top_k, 1)  # SwiGLU experts that run
-                   + 2 * d * cfg.num_experts)  # router
-  per_token += 2 * d * V  # lm_head
-  return float(per_token * batch * seq)
 
 
 def bench_matmul(n=2048):
@@ -62,14 +48,7 @@ def bench_ours(cfg, batch, seq, repeats):
 
 def bench_transformers(cfg, batch, seq, repeats, bf16: bool):
   import torch
-  import transformers
-  torch.set_num_threads(os.cpu_count() or 2)
-  c = transformers.FlexOlmoConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, num_experts=cfg.num_experts,
-      num_experts_per_tok=cfg.top_k, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-  model = transformers.FlexOlmoForCausalLM(c).eval()
+  model = hf_flexolmo(cfg)
   ids = torch.randint(0, cfg.vocab_size, (batch, seq))
 
   def run():
@@ -122,9 +101,7 @@ def main():
   t_moe, t_dense = bench_moe_vs_dense(cfg, args.batch, args.seq, args.repeats)
   res.update(moe_layer_ms=t_moe * 1e3, dense_ffn_same_active_flops_ms=t_dense * 1e3,
              moe_over_dense=t_moe / t_dense, peak_rss_mb=peak_rss_mb())
-  for k, v in res.items():
-    print(f"{k:>36}: {v:.4g}" if isinstance(v, float) else f"{k:>36}: {v}")
-  print(json.dumps(res))
+  report(res)
 
 
 if __name__ == "__main__":

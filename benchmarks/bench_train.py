@@ -12,8 +12,6 @@ The last line is a JSON summary.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
 import sys
 
@@ -24,8 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import median_time, peak_rss_mb  # noqa: E402
-from flexolmo_jax.config_base import STAGE_TRAINABLE, add_training, base_config, model_block  # noqa: E402
+from common import hf_flexolmo, median_time, peak_rss_mb, report  # noqa: E402
+from flexolmo_jax.config_base import STAGE_TRAINABLE, add_training  # noqa: E402
 from flexolmo_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes  # noqa: E402
 from flexolmo_jax.model.flops import train_flops  # noqa: E402
 from flexolmo_jax.parallel import DEFAULT_RULES  # noqa: E402
@@ -57,14 +55,7 @@ def step_time(cfg: ModelConfig, stage: str, batch: int, seq: int, repeats: int) 
 
 def hf_train_time(cfg: ModelConfig, batch: int, seq: int, repeats: int, bf16: bool) -> float:
   import torch
-  import transformers
-  torch.set_num_threads(os.cpu_count() or 2)
-  c = transformers.FlexOlmoConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, num_experts=cfg.num_experts,
-      num_experts_per_tok=cfg.top_k, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-  model = transformers.FlexOlmoForCausalLM(c).train()
+  model = hf_flexolmo(cfg, train=True)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
   ids = torch.randint(0, cfg.vocab_size, (batch, seq))
 
@@ -102,9 +93,7 @@ def main():
   t_two_expert = step_time(two, "expert", B, T, args.repeats)
   res.update(two_expert_full_step_ms=t_two_full * 1e3, two_expert_expert_stage_step_ms=t_two_expert * 1e3,
              expert_stage_over_full=t_two_expert / t_two_full, peak_rss_mb=peak_rss_mb())
-  for k, v in res.items():
-    print(f"{k:>34}: {v:.4g}" if isinstance(v, float) else f"{k:>34}: {v}")
-  print(json.dumps(res))
+  report(res)
 
 
 if __name__ == "__main__":
