@@ -4,6 +4,8 @@
       params/            orbax PyTree checkpoint of the full parameter tree (scanned layout)
       model_config.json  ModelConfig fields (expert names in slot order)
       meta.json          provenance: stage, step, sources, ... (free-form)
+      manifest.json      (stitched models) expert slots, sources, sha256 of every tensor/slot
+      tokenizer/         (optional) tokenizer files, carried from an HF import to exports
 
 Written to a temporary sibling and renamed, so a directory that exists is complete.
 """
@@ -19,12 +21,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from flexolmo_jax import param_store
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.params import abstract_params
 
 CONFIG_FILE = "model_config.json"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"  # optional: tokenizer files carried from an HF import to exports
 
 
 class ModelDirError(ValueError):
@@ -61,7 +66,9 @@ def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None =
   if jax.process_index() == 0 and tmp.exists():
     shutil.rmtree(tmp)
   ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(tmp / PARAMS_DIR, params)
+  # One layer (and expert) per stored chunk, so tools can stream the model (param_store).
+  ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(
+      params, save_args=param_store.layer_chunking(cfg, params)))
   if jax.process_index() == 0:
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=1, default=str))

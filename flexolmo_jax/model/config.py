@@ -41,6 +41,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   init_std: float = 0.02
   scan_layers: bool = True
+  scan_unroll: int = 1  # layers per scan iteration (same maths; the AOT planner's FLOP count)
   remat_policy: str = "none"
   # Token ids (HF config needs them inside the vocabulary).
   eos_token_id: int = 0
@@ -73,6 +74,8 @@ class ModelConfig:
       raise ValueError(f"dispatch {self.dispatch!r} not in {DISPATCH_MODES}")
     if self.capacity_impl not in ("auto", "einsum", "gather"):
       raise ValueError(f"capacity_impl {self.capacity_impl!r} not in (auto, einsum, gather)")
+    if not 1 <= self.scan_unroll:
+      raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("eos_token_id", "pad_token_id"):

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from flexolmo_jax.model.config import ModelConfig
-from flexolmo_jax.model.layers import Array, constrain, dot, dtype_of, param_with_axes
+from flexolmo_jax.model.layers import (Array, constrain, dot, dtype_of, param_with_axes,
+                                       target_platform)
 
 
 def route(h: Array, w_router: Array, bias: Array | None, expert_mask: Array | None,
@@ -103,7 +104,7 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
   dt = dtype_of(cfg.dtype)
   impl = cfg.capacity_impl
   if impl == "auto":
-    impl = "einsum" if jax.default_backend() == "tpu" else "gather"
+    impl = "einsum" if target_platform() == "tpu" else "gather"
   b_idx = jnp.arange(B)[:, None, None]
   if impl == "einsum":
     slot = jax.nn.one_hot(jnp.where(keep, pos, -1), C, dtype=bool)[..., None, :]  # [B,T,k,1,C]
@@ -143,7 +144,7 @@ def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
   and *select* each row's own group, which costs the same FLOPs as that fallback and keeps
   an excluded expert's weights without any influence.
   """
-  if jax.default_backend() != "cpu":
+  if target_platform() != "cpu":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
   ends = jnp.cumsum(group_sizes)
   row = jnp.arange(lhs.shape[0])
@@ -203,6 +204,10 @@ class MoE(nn.Module):
                                                cfg.norm_topk_prob)
     y, dropped = DISPATCH[cfg.dispatch](h, w1, w3, w2, top_w, top_i, valid, cfg)
 
+    # Per-token routing [B,T,E] for analysis tools: only kept when the caller makes the
+    # "intermediates" collection mutable (otherwise sow is a no-op and XLA drops it).
+    self.sow("intermediates", "routed",
+             jnp.any(jax.nn.one_hot(top_i, E, dtype=bool) & valid[..., None], axis=2))
     n_tokens = h.shape[0] * h.shape[1]
     assigned = jnp.sum(jax.nn.one_hot(top_i, E) * valid[..., None], axis=(0, 1, 2)) / n_tokens
     mean_prob = jnp.mean(probs, axis=(0, 1))

@@ -53,14 +53,15 @@ class ScannedLayers(nn.Module):
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy],
-                           prevent_cse=not cfg.scan_layers)
+                           prevent_cse=not cfg.scan_layers or cfg.scan_unroll > 1)
     if cfg.scan_layers:
       scanned = nn.scan(
           layer_cls,
-          variable_axes={"params": 0},
+          variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
           length=cfg.n_layers,
+          unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
       return scanned(cfg, name="layers")(x, positions, expert_mask, key_valid, cache_index, cache)

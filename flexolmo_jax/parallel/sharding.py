@@ -72,8 +72,17 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"have {len(devices)}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * 4
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # multislice: the data axis spans slices (DCN), the rest stays inside one
+    if sizes[0] % slices:
+      raise ValueError(f"{slices} slices need mesh data axis a multiple of {slices} "
+                       f"(got data={sizes[0]}); e.g. --config.mesh.data={slices}")
+    from jax.experimental import mesh_utils
+    ici = [sizes[0] // slices] + sizes[1:]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1, 1], devices)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexolmo_jax import config_base, model_io
@@ -152,7 +153,15 @@ class TrainingSetup:
             for k in BATCH_KEYS}
 
   def init_state_fn(self):
-    return jax.jit(lambda t: init_state(t, self.tx), in_shardings=(self.trainable_shardings,))
+    def init(t):
+      state = init_state(t, self.tx)
+      # Optimizer moments take their parameter's sharding (zeros would otherwise be
+      # replicated on every device by the compiler's choice).
+      state["opt_state"] = optax.tree_map_params(
+          self.tx, jax.lax.with_sharding_constraint, state["opt_state"],
+          self.trainable_shardings, transform_non_params=lambda x: x)
+      return state
+    return jax.jit(init, in_shardings=(self.trainable_shardings,))
 
   def abstract_state(self):
     """State ShapeDtypeStructs with the shardings the compiler picks for the optimizer state."""

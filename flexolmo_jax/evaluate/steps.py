@@ -1,0 +1,87 @@
+"""The jitted evaluation steps (the AOT planner lowers the same functions for TPU).
+
+    loss step   (params, batch, expert_mask) -> summed token loss, token count, and the
+                number of (valid) tokens each expert received in each layer [L, E]
+    score step  (params, batch, expert_mask) -> per-row summed log-likelihood of the masked
+                targets, and whether greedy decoding reproduces them (multiple choice)
+
+`batch` is {"input_ids", "targets", "loss_mask"} [B, T]; `expert_mask` is bool [B, E]
+(None for a dense model). Inputs are global arrays sharded over the mesh's batch axes.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flexolmo_jax.model import FlexOlmo, ModelConfig
+from flexolmo_jax.parallel import activation_sharding
+from flexolmo_jax.train.losses import token_losses
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask")
+BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
+
+
+def routed_tokens(state, cfg: ModelConfig):
+  """[L, B, T, E] bool from the "intermediates" the MoE layers sow (scanned or unrolled)."""
+  inter = state["intermediates"]["decoder"]
+  if cfg.scan_layers:
+    return inter["layers"]["mlp"]["routed"][0]
+  return jnp.stack([inter[f"layers_{i}"]["mlp"]["routed"][0] for i in range(cfg.n_layers)])
+
+
+def _apply(cfg, rules, params, ids, expert_mask, routing: bool):
+  model = FlexOlmo(cfg)
+  with nn.logical_axis_rules(rules):
+    if routing and cfg.is_moe:
+      (logits, _, _), state = model.apply({"params": params}, ids, expert_mask=expert_mask,
+                                          mutable=["intermediates"])
+      return logits, routed_tokens(state, cfg)
+    logits, _, _ = model.apply({"params": params}, ids, expert_mask=expert_mask)
+    return logits, None
+
+
+def make_loss_fn(cfg: ModelConfig, rules, routing: bool = True):
+  E = max(cfg.num_experts, 1)
+
+  def fn(params, batch, expert_mask=None):
+    logits, routed = _apply(cfg, rules, params, batch["input_ids"], expert_mask, routing)
+    ce, _ = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    counts = (jnp.einsum("lbte,bt->le", routed.astype(jnp.float32), mask)
+              if routed is not None else jnp.zeros((cfg.n_layers, E), jnp.float32))
+    return {"loss_sum": jnp.sum(ce * mask), "tokens": jnp.sum(mask), "routed": counts}
+
+  return fn
+
+
+def make_score_fn(cfg: ModelConfig, rules):
+  def fn(params, batch, expert_mask=None):
+    logits, _ = _apply(cfg, rules, params, batch["input_ids"], expert_mask, False)
+    ce, _ = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"] > 0
+    loglik = jnp.sum(jnp.where(mask, -ce, 0.0), axis=1)
+    greedy = jnp.all(~mask | (jnp.argmax(logits, axis=-1) == batch["targets"]), axis=1)
+    return {"loglik": loglik, "greedy": greedy}
+
+  return fn
+
+
+def batch_shardings(mesh, rules, batch: int, seq_len: int) -> dict:
+  return {k: activation_sharding(mesh, ("act_batch", "act_length"), (batch, seq_len), rules)
+          for k in BATCH_KEYS}
+
+
+def jit_step(fn, param_shardings, mesh, rules, batch: int, seq_len: int):
+  """`fn` jitted with explicit shardings: params as given, batch over the batch axes, the
+  expert mask and every output replicated (small)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, rules, batch, seq_len),
+                                   replicated), out_shardings=replicated)
+
+
+def abstract_batch(mesh, rules, batch: int, seq_len: int) -> dict:
+  sh = batch_shardings(mesh, rules, batch, seq_len)
+  return {k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k], sharding=sh[k])
+          for k in BATCH_KEYS}

@@ -1,0 +1,96 @@
+"""`flexolmo_jax.load`: one call from a path on disk to logits, with expert opt-out.
+
+Accepts a stitched model directory, a training workdir (its export) and an imported HF model
+directory (`python -m flexolmo_jax.convert from_hf`). Excluding experts by name uses the
+run-time mask (the router gives them logit -inf), which is exactly removing them because
+FlexOlmo does not renormalise the top-k weights (FLEXOLMO.md section 1.5).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(cfg):
+  """One jitted forward per config (models loaded twice, e.g. with other exclusions, share it)."""
+  import jax
+  from flexolmo_jax.model import FlexOlmo
+  model = FlexOlmo(cfg)
+  return jax.jit(lambda p, i, m: model.apply({"params": p}, i, expert_mask=m)[0])
+
+
+class Model:
+  """A loaded model. `logits(input_ids)` -> numpy [B, T, V] float32."""
+
+  def __init__(self, path, cfg, params, exclude: Sequence[str], meta, manifest):
+    from flexolmo_jax.model.expert_mask import expert_mask
+    self.path = pathlib.Path(path)
+    self.config = cfg
+    self.params = params
+    self.meta = meta
+    self.manifest = manifest
+    self.expert_names = tuple(cfg.names) if cfg.is_moe else ()
+    self.exclude = tuple(exclude)
+    if self.exclude:
+      expert_mask(self.expert_names, self.exclude)  # unknown names raise UnknownExpertError
+    self._fn = None
+
+  def _mask(self, batch: int, exclude):
+    from flexolmo_jax.model.expert_mask import expert_mask
+    if not self.config.is_moe:
+      return None
+    return expert_mask(self.expert_names, exclude, batch=batch)
+
+  def logits(self, input_ids, exclude: Sequence[str] | None = None) -> np.ndarray:
+    """exclude (optional) overrides the load-time exclusion for this call; it may also be a
+    list of per-example name lists, one per batch row."""
+    import jax.numpy as jnp
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+      ids = ids[None]
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T] (or [T]), got shape {ids.shape}")
+    if self._fn is None:
+      self._fn = _forward(self.config)
+    if not self.config.is_moe and exclude:
+      from flexolmo_jax.model.expert_mask import UnknownExpertError
+      raise UnknownExpertError(f"{self.path} is a dense model with no experts; cannot exclude "
+                               f"{list(exclude)}")
+    mask = self._mask(ids.shape[0], self.exclude if exclude is None else exclude)
+    out = self._fn(self.params, jnp.asarray(ids, jnp.int32),
+                   None if mask is None else jnp.asarray(mask))
+    return np.asarray(out, np.float32)
+
+
+def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
+  """Load a model directory / training workdir / imported HF model.
+
+  exclude: expert names to opt out of (unknown names raise UnknownExpertError).
+  overrides: ModelConfig fields that do not change parameter shapes, e.g. dtype="float32"
+  (compute precision) or dispatch="capacity".
+  """
+  from flexolmo_jax import model_io
+  from flexolmo_jax.model.expert_mask import UnknownExpertError
+  from flexolmo_jax.stitch.sources import resolve
+  if isinstance(exclude, str):
+    exclude = [n for n in exclude.split(",") if n]
+  src = resolve(path, "model")
+  cfg = src.cfg.replace(**overrides) if overrides else src.cfg
+  if not model_io.same_architecture(cfg, src.cfg):
+    raise ValueError(f"overrides {overrides} change parameter shapes; only numerics/dispatch "
+                     f"fields may be overridden")
+  if exclude and not cfg.is_moe:
+    raise UnknownExpertError(f"{path} is a dense model with no experts; cannot exclude "
+                             f"{list(exclude)}")
+  if cfg.is_moe:  # fail on unknown names before reading any weights
+    from flexolmo_jax.model.expert_mask import expert_mask
+    expert_mask(cfg.names, list(exclude))
+  params = model_io.load_params(src.model_dir, cfg)
+  manifest_file = src.model_dir / model_io.MANIFEST_FILE
+  manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+  return Model(src.model_dir, cfg, params, exclude, src.meta, manifest)
