@@ -217,6 +217,19 @@ def test_prune_equals_runtime_opt_out_and_keeps_slot_hashes(synth, tmp_path):
   _no_output(tmp_path / "x")
 
 
+def test_stitched_dir_restores_sharded_for_the_runtime_tools(synth, tmp_path):
+  """evaluate/generate restore model dirs straight into a mesh: the stitcher's layout works."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 host devices")
+  from flexolmo_jax.parallel import make_mesh, param_shardings
+  out = stitch(synth["public"], _experts(synth), tmp_path / "s", progress=False)
+  cfg = model_io.read_config(out)
+  mesh = make_mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
+  sharded = model_io.load_params(out, cfg, shardings=param_shardings(cfg, mesh))
+  assert len(sharded["decoder"]["layers"]["mlp"]["gate_proj"].sharding.device_set) > 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), _params(out))
+
+
 def test_legacy_single_chunk_checkpoints_stitch_identically(synth, tmp_path):
   """Model dirs saved with orbax defaults (one chunk per array) read the same, via a cache."""
   legacy = tmp_path / "legacy_math"
