@@ -52,6 +52,21 @@ def sync():
   subprocess.run(["sync"], check=False)  # untimed: flush the previous step's dirty pages
 
 
+SETTLE_S = 10.0
+
+
+def settle():
+  """Untimed: flush, then wait until memory freed by the previous step is "cold".
+
+  This VM hands freed memory back to the hypervisor after a few seconds (free page reporting);
+  writing into such pages is ~10x slower than into pages freed a moment ago (measured: 1.3 GB
+  in 2.6-2.9 s vs 0.23 s). A `cp` started right after deleting the previous copy got hot pages
+  while a tool that starts a second later did not, so every timed command starts after this.
+  """
+  sync()
+  time.sleep(SETTLE_S)
+
+
 def generate(root: pathlib.Path, n_experts: int, a) -> None:
   """Public model + n expert checkpoints, one in memory at a time (run in a child process)."""
   import ml_dtypes
@@ -98,6 +113,7 @@ def generate(root: pathlib.Path, n_experts: int, a) -> None:
 
 
 def main():
+  global SETTLE_S
   p = argparse.ArgumentParser()
   p.add_argument("--root", default="/tmp/flexolmo_bench_stitch")
   p.add_argument("--sizes", default="1,4,8")
@@ -108,10 +124,13 @@ def main():
   p.add_argument("--vocab", type=int, default=50304)
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--settle", type=float, default=SETTLE_S,
+                 help="seconds to wait (after sync) before each timed command")
   p.add_argument("--keep", action="store_true", help="keep the generated files")
   p.add_argument("--generate-only", type=int, default=0, help=argparse.SUPPRESS)
   a = p.parse_args()
   root = pathlib.Path(a.root)
+  SETTLE_S = a.settle
   if a.generate_only:
     generate(root, a.generate_only, a)
     return
@@ -144,11 +163,11 @@ def main():
       # machine is shared, so single timings swing by 2x either way.
       for _ in range(a.repeats):
         shutil.rmtree(out, ignore_errors=True)
-        sync()
+        settle()
         copy.mkdir()
         t["cp_inputs"].append(run(["cp", "-r", *map(str, inputs), str(copy)])[:2])
         shutil.rmtree(copy)
-        sync()
+        settle()
         *times, rss = run([sys.executable, "-m", "flexolmo_jax.stitch",
                            f"--public={root / 'public'}",
                            *[f"--expert=domain{i}={root / f'domain{i}'}" for i in range(n)],
@@ -158,10 +177,10 @@ def main():
       out_bytes = du(out)
       for _ in range(a.repeats):
         shutil.rmtree(hf, ignore_errors=True)
-        sync()
+        settle()
         t["cp_stitched"].append(run(["cp", "-r", str(out), str(copy)])[:2])
         shutil.rmtree(copy)
-        sync()
+        settle()
         *times, rss = run([sys.executable, "-m", "flexolmo_jax.convert", "to_hf",
                            f"--ckpt={out}", f"--out={hf}", "--no-progress",
                            f"--workers={a.workers}"], env)

@@ -80,6 +80,10 @@ def make_generate_fn(cfg: ModelConfig, s: Sampling):
   including EOS.
   """
   model = FlexOlmo(cfg)
+  # Decode steps feed one token per row: its top-k experts are distinct, so capacity
+  # dispatch with one slot per expert and row is exact (never drops) and, unlike the dense
+  # or sorted paths, touches only the slots in use. Prefill keeps the model's dispatch.
+  step_model = FlexOlmo(cfg.replace(dispatch="capacity") if cfg.is_moe else cfg)
   N = s.max_new_tokens
 
   def run(params, ids, valid, mask, key):
@@ -100,8 +104,8 @@ def make_generate_fn(cfg: ModelConfig, s: Sampling):
 
     def body(state):
       i, tok, pos, cache, done, out, length = state
-      logits, _, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
-                                     expert_mask=mask, cache=cache)
+      logits, _, cache = step_model.apply({"params": params}, tok[:, None],
+                                          positions=pos[:, None], expert_mask=mask, cache=cache)
       new = sample_next(logits[:, -1], jax.random.fold_in(key, i), s)
       new = jnp.where(done, cfg.pad_token_id, new)
       out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)

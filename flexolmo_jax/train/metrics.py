@@ -1,6 +1,8 @@
-"""TensorBoard event files (tensorboardX) plus a console progress bar (tqdm), process 0 only."""
+"""TensorBoard event files (tensorboardX), a console progress bar (tqdm) and a metrics.jsonl
+(one line per logged step, for plots and scripts), process 0 only."""
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any, Mapping
 
@@ -14,6 +16,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._bar = None
+    self._jsonl = pathlib.Path(workdir) / "metrics.jsonl"
     if self.enabled:
       from tensorboardX import SummaryWriter
       from tqdm.auto import tqdm
@@ -24,9 +27,12 @@ class MetricWriter:
   def scalars(self, step: int, values: Mapping[str, Any]):
     if not self.enabled:
       return
-    for k, v in values.items():
-      self._tb.add_scalar(k, float(np.asarray(v)), step)
+    row = {k: float(np.asarray(v)) for k, v in values.items()}
+    for k, v in row.items():
+      self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    with open(self._jsonl, "a") as f:
+      f.write(json.dumps({"step": int(step), **row}) + "\n")
 
   def progress(self, step: int, summary: Mapping[str, float]):
     if not self.enabled:
