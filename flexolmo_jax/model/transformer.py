@@ -124,7 +124,12 @@ class FlexOlmo(nn.Module):
     logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_layer_cache.k, new_layer_cache.v, key_valid, cache.index + T)
+      # Every layer's new chunk [L, B, T, Hkv, D] written at slots [index, index + T) in one
+      # update (in place when the cache is a loop carry or donated).
+      write = lambda full, chunk: jax.lax.dynamic_update_slice_in_dim(
+          full, chunk.astype(full.dtype), cache.index, axis=2)
+      new_cache = KVCache(write(cache.k, new_layer_cache.k), write(cache.v, new_layer_cache.v),
+                          key_valid, cache.index + T)
     return logits, aux, new_cache
 
 
