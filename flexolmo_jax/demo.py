@@ -74,6 +74,8 @@ class Demo:
                 f"--workdir={self.work / 'public'}", f"--config.data.root={self.data}"], "public")
 
   def embeddings(self):
+    if all((self.work / "embeddings" / f"{n}.npy").exists() for n in EVAL_DOMAINS):
+      return
     self.step("3/8 domain embeddings (each owner, its own data)")
     embedder = ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
                 f"--tokenizer={self.data / 'tokenizer.json'}"]
@@ -86,6 +88,8 @@ class Demo:
                   "--samples=200", *embedder], f"embed_{name}")
 
   def train_experts(self):
+    if all((self.work / f"expert_{d}" / "export").exists() for d in DOMAINS):
+      return
     self.step("4/8 training each domain expert in its own process")
     for d in DOMAINS:
       wd = self.work / f"expert_{d}"
@@ -105,16 +109,18 @@ class Demo:
                 f"--out={self.work / 'merged'}", "--top-k=2"], "stitch")
 
   def evaluate(self):
-    self.step("6/8 evaluating (opt-out matrix, 2-expert models, public, baselines)")
     jobs = {"merged": ["--opt-out-matrix"], "public": []}
     jobs.update({f"expert_{d}": [] for d in DOMAINS})
+    baselines = self.work / "eval" / "baselines.json"
+    if baselines.exists() and all((self.work / "eval" / n / "results.json").exists() for n in jobs):
+      return
+    self.step("6/8 evaluating (opt-out matrix, 2-expert models, public, baselines)")
     for name, extra in jobs.items():
       out = self.work / "eval" / name
       if not (out / "results.json").exists():
         ckpt = self.work / name if name != "public" else self.work / "public"
         self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={self.data}",
                   f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
-    baselines = self.work / "eval" / "baselines.json"
     if not baselines.exists():
       results = self._baselines()
       baselines.write_text(json.dumps(results, indent=1))

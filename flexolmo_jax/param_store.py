@@ -7,13 +7,12 @@ chunk by chunk. Both speak the layout orbax uses, so `model_io.load_params` rest
 `ParamWriter` wrote (and `ParamReader` reads what `save_model_dir` / orbax wrote):
 
   * reading: orbax OCDBT (the default save) or plain per-array zarr directories;
-  * writing: plain zarr v2, one directory per array and one *uncompressed* file per chunk.
-    Chunks are one layer (and one expert) of a tensor, split further into row blocks of at
-    most CHUNK_BYTES, so every piece the tools write is a whole chunk (no read-modify-write)
-    and a truncated chunk file is caught on read (zarr checks the byte count).
+  * writing: plain zarr v2, one directory per array and one *uncompressed* file per chunk, so
+    a truncated chunk file is caught on read (zarr checks the byte count).
 
-`layer_chunking` gives orbax the same per-layer/per-expert chunking for `save_model_dir`, so
-training exports can be streamed too.
+Chunks are one layer (and one expert) of a tensor, split further by orbax's own rule to at most
+CHUNK_BYTES; `layer_chunking` gives `save_model_dir` the same chunks, so training exports
+stream too, and their stored chunks line up with the stitcher's output chunks.
 """
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ import tensorstore as ts
 
 PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing jax)
 CHUNK_BYTES = 64 << 20  # upper bound of one stored chunk / one streamed piece
+WRITE_BYTES = 128 << 10  # size of one write() call (see ParamWriter._write_chunks)
 _METADATA = "_METADATA"
 
 Path = tuple  # a param path, e.g. ("decoder", "layers", "mlp", "gate_proj")
@@ -117,10 +117,10 @@ def _params_root(model_dir) -> pathlib.Path:
 class ParamReader:
   """Reads slices of the arrays of MODEL_DIR/params without restoring the tree.
 
-  A chunk is decoded whole; when a stored chunk spans more than one streamed piece (a layer, or
-  CHUNK_BYTES of rows) -- checkpoints written by orbax's defaults store each array as a single
-  chunk -- the array gets a cache of one chunk so it is decoded once, not once per piece.
-  Call `release` when done with an array to drop that cache.
+  A chunk is decoded whole; when a stored chunk spans more than one streamed piece (one layer
+  [x one expert], at most CHUNK_BYTES) -- checkpoints written with orbax's defaults store each
+  array as a single chunk -- the array gets a cache of one chunk so it is decoded once, not
+  once per piece (host memory is then one such chunk). Call `release` when done with an array.
   """
 
   def __init__(self, model_dir, label: str | None = None, moe: bool = False):
@@ -177,7 +177,7 @@ class ParamReader:
           arr = ts.open(self._spec(path), read=True, context=ctx).result()
       except Exception as e:  # tensorstore raises ValueError for missing/corrupt metadata
         raise StoreError(f"{self.label}: cannot open tensor {leaf_name(path)} in {self.root}: "
-                         f"{e}") from e
+                         f"{_short(e)}") from e
       self._arrays[path] = arr
     return self._arrays[path]
 
@@ -305,13 +305,58 @@ class ParamWriter:
     return chunk_grid(shape, self.chunks[tuple(path)])
 
   def write(self, path: Path, index, value: np.ndarray) -> None:
+    """Write `value` at `index`; whole chunks go straight to their files (see _write_chunks)."""
     path = tuple(path)
     shape, dtype = self.leaves[path]
     value = np.asarray(value)
     if value.dtype != dtype:
       raise StoreError(f"{leaf_name(path)}{describe_index(index)}: dtype {value.dtype}, "
                        f"expected {dtype}")
-    self._arrays[path][index].write(value).result()
+    if not self._write_chunks(path, index, value):
+      self._arrays[path][index].write(value).result()  # partial chunks: read-modify-write
+
+  def _write_chunks(self, path: Path, index, value: np.ndarray) -> bool:
+    """Write the chunk files of a region made of whole chunks directly; False if it is not.
+
+    An uncompressed zarr v2 chunk file is just the chunk's C-order bytes (edge chunks padded
+    to the full chunk shape). Writing them ourselves in WRITE_BYTES slices is ~7x faster than
+    tensorstore's single large write() per file on this VM (large writes make the kernel
+    allocate page-cache memory the slow way; `cp` also writes 128 KiB at a time).
+    """
+    shape, dtype = self.leaves[path]
+    chunks = self.chunks[path]
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    starts, stops = [], []
+    for i, n in zip(index, shape):
+      if isinstance(i, (int, np.integer)):
+        starts.append(int(i)); stops.append(int(i) + 1)
+      elif isinstance(i, slice) and i.step in (None, 1):
+        starts.append(i.start or 0); stops.append(n if i.stop is None else min(i.stop, n))
+      else:
+        return False
+    region = tuple(b - a for a, b in zip(starts, stops))
+    if value.size != math.prod(region):
+      return False
+    for a, b, n, c in zip(starts, stops, shape, chunks):
+      if a % c or (b % c and b != n):  # must start and end on chunk boundaries
+        return False
+    value = value.reshape(region)
+    base = self.root / leaf_name(path)
+    grid = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunks)]
+    for cell in (np.ndindex(*[len(g) for g in grid]) if grid else [()]):
+      cidx = [g[k] for g, k in zip(grid, cell)]
+      lo = [ci * c for ci, c in zip(cidx, chunks)]
+      hi = [min(l + c, n) for l, c, n in zip(lo, chunks, shape)]
+      block = value[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))]
+      if tuple(block.shape) != tuple(chunks):  # edge chunk: zarr stores it padded
+        full = np.zeros(chunks, dtype)
+        full[tuple(slice(0, h - l) for l, h in zip(lo, hi))] = block
+        block = full
+      data = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
+      key = ".".join(str(c) for c in cidx) or "0"
+      with open(base / key, "wb", buffering=0) as f:
+        write_all(f, data)
+    return True
 
   def release(self, path: Path) -> None:
     pass  # no caches on the write side; kept for symmetry with ParamReader
@@ -328,6 +373,14 @@ class ParamWriter:
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
     (self.root / _METADATA).write_text(json.dumps(meta))
     self._arrays.clear()
+
+
+def write_all(f, data) -> None:
+  """Write a buffer to an unbuffered file in WRITE_BYTES slices (retrying short writes)."""
+  view = memoryview(data).cast("B")
+  off = 0
+  while off < len(view):
+    off += f.write(view[off:off + WRITE_BYTES])
 
 
 def tree_leaves(abstract_tree) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:

@@ -18,6 +18,8 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
+from flexolmo_jax.param_store import write_all
+
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
           "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
           "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
@@ -120,9 +122,8 @@ class Writer:
     meta = {"__metadata__": dict(metadata or {"format": "pt"})}
     blob = json.dumps({**meta, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    self._f = open(self.path, "wb")
-    self._f.write(struct.pack("<Q", len(blob)))
-    self._f.write(blob)
+    self._f = open(self.path, "wb", buffering=0)
+    write_all(self._f, struct.pack("<Q", len(blob)) + blob)
     self._i, self._left = 0, self.order[0][1] if self.order else 0
 
   def write(self, name: str, block: np.ndarray) -> None:
@@ -136,7 +137,7 @@ class Writer:
       raise SafetensorsError(f"{self.path}: {name} has dtype {block.dtype}, header says {dt}")
     if block.nbytes > left:
       raise SafetensorsError(f"{self.path}: {name}: {block.nbytes} bytes, only {left} left")
-    self._f.write(block.view(np.uint8).reshape(-1).data)
+    write_all(self._f, block.view(np.uint8).reshape(-1).data)  # small write() calls
     self._left -= block.nbytes
     if self._left == 0:
       self._i += 1
