@@ -21,7 +21,7 @@ from flexolmo_jax import config_base as cb
 
 DOMAINS = ("code", "math", "legal")
 SIZES = {
-    "small": dict(d_model=384, n_layers=4, n_heads=6, n_kv_heads=6, ffn_hidden=1024),
+    "small": dict(d_model=384, n_layers=3, n_heads=6, n_kv_heads=6, ffn_hidden=1024),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128),
 }
 
@@ -39,7 +39,7 @@ def get_config(arg=None):
   unknown = [p for p in parts[1:] if p not in DOMAINS and p not in SIZES]
   if unknown:
     raise ValueError(f"unknown config argument(s) {unknown}; domains {DOMAINS}, sizes {tuple(SIZES)}")
-  model = dict(vocab_size=8192, max_seq_len=256, eos_token_id=0, pad_token_id=1, **SIZES[size])
+  model = dict(vocab_size=8192, max_seq_len=128, eos_token_id=0, pad_token_id=1, **SIZES[size])
   if stage == "expert":
     if domain is None:
       raise ValueError(f"the expert stage needs a domain: expert,{'|'.join(DOMAINS)}")
@@ -49,9 +49,13 @@ def get_config(arg=None):
                                capacity_factor=2.0))
   config = cb.base_config(cb.model_block(**model))
   small = size == "tiny"
-  cb.add_training(config, stage, steps=20 if small else 300, global_batch_size=8,
-                  seq_len=64 if small else 256, lr=3e-3 if stage == "public" else 1e-3,
-                  warmup_steps=2 if small else 30, log_every=5 if small else 25)
+  # Sized so the whole demo (public model + three experts + evaluation) fits in ~20 minutes
+  # on 2 CPU cores at "small"; "tiny" is for tests.
+  steps = {"public": 250, "expert": 150, "router": 100}[stage]
+  cb.add_training(config, stage, steps=20 if small else steps,
+                  global_batch_size=8 if small else 16, seq_len=64 if small else 128,
+                  lr=3e-3 if stage == "public" else 2e-3,
+                  warmup_steps=2 if small else 25, log_every=5 if small else 25)
   config.data.root = default_root()
   sources = {"public": ["public"], "expert": [domain], "router": ["public"] + list(DOMAINS)}[stage]
   # Paths are resolved against data.root at run time unless absolute.

@@ -41,7 +41,7 @@ class Demo:
     self.logs = work / "logs"
     self.logs.mkdir(parents=True, exist_ok=True)
     self.size = "" if scale == "small" else ",tiny"
-    self.seq_len = 256 if scale == "small" else 64
+    self.seq_len = 128 if scale == "small" else 64
     self.t0 = time.time()
 
   def step(self, title: str):

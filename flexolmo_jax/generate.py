@@ -73,6 +73,25 @@ def sample_next(logits, key, s: Sampling):
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+# Parameters that only ever enter the model through `dot` (operands cast to the compute dtype)
+# or the embedding lookup (cast right after): storing them in the compute dtype gives the same
+# results and halves the bytes each decode step reads. Norm scales and the router stay as they
+# are (they are used in fp32).
+_FP32_LEAVES = ("scale", "router", "router_bias")
+
+
+def cast_for_decoding(params, cfg: ModelConfig):
+  """Matmul weights in the compute dtype (exact: `dot` casts them there anyway)."""
+  dt = jnp.dtype(cfg.dtype)
+
+  def cast(path, x):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name in _FP32_LEAVES or jnp.dtype(x.dtype).itemsize <= dt.itemsize:
+      return x
+    return x.astype(dt)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_generate_fn(cfg: ModelConfig, s: Sampling):
   """jit(params, ids [B,P], valid [B,P], mask [B,E] | None, key) -> (tokens [B,N], lengths [B]).
 
@@ -87,6 +106,7 @@ def make_generate_fn(cfg: ModelConfig, s: Sampling):
   N = s.max_new_tokens
 
   def run(params, ids, valid, mask, key):
+    params = cast_for_decoding(params, cfg)  # once per call, outside the decode loop
     B, P = ids.shape
     cache = init_cache(cfg, B, P + N)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)

@@ -101,3 +101,17 @@ def test_cli_per_example_exclusions(flexmix_tiny, tmp_path, capsys):
   assert "unknown expert name 'news'" in capsys.readouterr().err
   assert gen.main([f"--ckpt={tmp_path / 'm'}", "--prompt=hi"]) == 1
   assert "no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_decoding_weights_in_compute_dtype_are_exact(dispatch):
+  """bf16 compute: storing the matmul weights in bf16 changes no logit (dot casts anyway)."""
+  cfg = tiny_config(dtype="bfloat16", dispatch=dispatch, expert_bias=True)
+  params = random_params(cfg, seed=4)
+  cast = gen.cast_for_decoding(params, cfg)
+  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(cast)}
+  assert any(d == jnp.bfloat16 for d in dtypes.values())
+  assert all(d == jnp.float32 for k, d in dtypes.items() if "scale" in k or "router" in k)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  fwd = jax.jit(lambda p: FlexOlmo(cfg).apply({"params": p}, ids)[0])
+  np.testing.assert_array_equal(np.asarray(fwd(params)), np.asarray(fwd(cast)))
