@@ -16,6 +16,7 @@ CORE = [
     "tensorboardX>=2.6",
     "tqdm>=4.66",
     "absl-py>=2.1",
+    "matplotlib>=3.8",
     "zstandard>=0.22",
 ]
 

@@ -1,4 +1,5 @@
 """Evaluation: exact perplexity, multiple-choice scoring, and what opting an expert out changes."""
+import functools
 import json
 import math
 
@@ -32,17 +33,34 @@ def _log_softmax(x):
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def _reference_ppl(cfg, params, dataset, tok, mask=None):
+@functools.lru_cache(maxsize=None)
+def _jit_forward(cfg):
+  return jax.jit(lambda p, x: FlexOlmo(cfg).apply({"params": p}, x)[0])
+
+
+def _forward(cfg, params, ids):
+  return np.asarray(_jit_forward(cfg)(params, ids))
+
+
+def _reference_ppl(cfg, params, dataset, tok):
   """exp(mean token loss): plain unsharded forward, log-softmax in float64 numpy."""
   total = count = 0.0
   for b in make_eval_loader(str(dataset), str(tok), SEQ, 8, process_index=0, process_count=1):
-    logits, _, _ = FlexOlmo(cfg).apply({"params": params}, b["input_ids"],
-                                       expert_mask=None if mask is None else mask[:len(b["input_ids"])])
-    lp = _log_softmax(logits)
+    lp = _log_softmax(_forward(cfg, params, b["input_ids"]))
     nll = -np.take_along_axis(lp, b["targets"][..., None].astype(np.int64), -1)[..., 0]
     total += float((nll * b["loss_mask"]).sum())
     count += float(b["loss_mask"].sum())
   return math.exp(total / count), count
+
+
+def _logits_of(cfg, params, seqs):
+  """Logits of each sequence, run together right-padded (causal: padding is never seen)."""
+  width = -(-max(len(q) for q in seqs) // 16) * 16
+  ids = np.full((len(seqs), width), cfg.pad_token_id, np.int32)
+  for i, q in enumerate(seqs):
+    ids[i, :len(q)] = q
+  out = _forward(cfg, params, ids)
+  return [out[i, :len(q)] for i, q in enumerate(seqs)]
 
 
 def _tokens(tok, text):
@@ -72,11 +90,10 @@ def test_multiple_choice_follows_the_model(moe, tmp_path):
   a text task: each choice's score is the independently computed log-likelihood."""
   cfg, params = moe["cfg"], moe["params"]
   rng = np.random.default_rng(1)
-  rows, golds = [], []
-  for i in range(12):
-    ctx = rng.integers(2, 5000, int(rng.integers(3, 20))).tolist()
-    logits, _, _ = FlexOlmo(cfg).apply({"params": params}, np.asarray([ctx], np.int32))
-    order = np.argsort(np.asarray(logits[0, -1, :5520]))
+  contexts = [rng.integers(2, 5000, int(rng.integers(3, 20))).tolist() for _ in range(12)]
+  rows = []
+  for i, (ctx, logits) in enumerate(zip(contexts, _logits_of(cfg, params, contexts))):
+    order = np.argsort(logits[-1, :5520])
     best, worst = int(order[-1]), order[:3].tolist()
     choices = [[w] for w in worst]
     gold = i % 4
@@ -92,15 +109,16 @@ def test_multiple_choice_follows_the_model(moe, tmp_path):
   tasks = res["rows"]["all experts"]["tasks"]
   assert tasks["argmax"]["acc"] == 1.0 and tasks["argmax"]["acc_norm"] == 1.0
   assert tasks["argmax"]["n"] == 12
-  for ex, lls in zip(text, tasks["text"]["loglik"]):
+  pairs = []
+  for ex in text:
     ctx = _tokens(moe["tok"], ex["context"]) or [cfg.eos_token_id]
-    for choice, ll in zip(ex["choices"], lls):
-      cont = _tokens(moe["tok"], choice)
-      seq = np.asarray([ctx + cont], np.int32)
-      logits, _, _ = FlexOlmo(cfg).apply({"params": params}, seq[:, :-1])
-      lp = _log_softmax(logits[0])
-      ref = sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))
-      np.testing.assert_allclose(ll, ref, rtol=1e-5)
+    pairs += [(ctx, _tokens(moe["tok"], c)) for c in ex["choices"]]
+  logits = _logits_of(cfg, params, [(ctx + cont)[:-1] for ctx, cont in pairs])
+  scores = np.asarray(tasks["text"]["loglik"]).reshape(-1)
+  for (ctx, cont), lg, ll in zip(pairs, logits, scores):
+    lp = _log_softmax(lg)
+    ref = sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))
+    np.testing.assert_allclose(ll, ref, rtol=1e-5)
   # acc_norm divides by the choice's length in characters
   lls = np.asarray(tasks["text"]["loglik"], dtype=object)
   want = np.mean([int(np.argmax(np.asarray(l) / [len(c) for c in ex["choices"]]) == ex["gold"])
