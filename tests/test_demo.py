@@ -5,7 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_utils import ROOT
+
+# ~3.5 minutes on 2 cores: opt-in until the rest of the suite leaves room in CI's ~15 minutes.
+pytestmark = pytest.mark.skipif(os.environ.get("FLEXOLMO_SLOW_TESTS") != "1",
+                                reason="slow end-to-end demo; set FLEXOLMO_SLOW_TESTS=1")
 
 
 def test_demo_tiny_end_to_end_and_resume(tmp_path):
