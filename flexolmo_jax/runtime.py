@@ -29,17 +29,10 @@ def write_text_atomic(path, text: str | bytes) -> pathlib.Path:
 
 
 def resolve_model_dir(path) -> pathlib.Path:
-  """A model directory, or a training workdir whose export/ is one."""
-  p = pathlib.Path(path).expanduser().absolute()
-  if model_io.is_model_dir(p):
-    return p
-  if model_io.is_model_dir(p / "export"):
-    return p / "export"
-  if not p.exists():
-    raise model_io.ModelDirError(f"{p} does not exist")
-  raise model_io.ModelDirError(
-      f"{p} is not a model directory (needs {model_io.CONFIG_FILE} and {model_io.PARAMS_DIR}/) "
-      f"nor a training workdir with export/")
+  """A model directory, or a training workdir whose export/ is one (same rules and messages
+  as the stitcher's sources)."""
+  from flexolmo_jax.stitch.sources import resolve
+  return resolve(path, "model").model_dir
 
 
 def parse_names(text: str | None) -> list[str]:

@@ -10,7 +10,6 @@ pods jax.distributed initialises itself (--distributed=auto); elsewhere pass
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -28,15 +27,9 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 
 
 def init_distributed():
-  import jax
-  if _LOCAL_DEVICES.value:
-    jax.config.update("jax_num_cpu_devices", _LOCAL_DEVICES.value)
-  if _COORD.value:
-    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
-                               process_id=_PID.value)
-  elif _DISTRIBUTED.value == "on" or (
-      _DISTRIBUTED.value == "auto" and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
-    jax.distributed.initialize()
+  from flexolmo_jax import runtime
+  runtime.init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value,
+                           _LOCAL_DEVICES.value)
 
 
 def main(argv):
