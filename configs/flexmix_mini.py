@@ -12,6 +12,13 @@ the offline all-MiniLM-L6-v2 embedder serves) or tiny (tests).
   python -m flexolmo_jax.train --config=configs/flexmix_mini.py:expert,math --workdir=$W/math \
       --config.data.root=$D --config.init.public=$W/public/export \
       --config.init.public_embedding=$W/public.npy --config.init.domain_embedding=$W/math.npy
+  # ... one expert per domain, then the coordinator:
+  python -m flexolmo_jax.stitch --public=$W/public --expert=code=$W/code --expert=math=$W/math \
+      --expert=legal=$W/legal --out=$W/merged --top-k=2
+  python -m flexolmo_jax.proxy_data --model=$W/math --name=proxy_math --out=$D \
+      --tokenizer=$D/tokenizer.json   # and proxy_code, proxy_legal
+  python -m flexolmo_jax.train --config=configs/flexmix_mini.py:router --workdir=$W/router \
+      --config.data.root=$D --config.init.params=$W/merged
 """
 import os
 
@@ -20,6 +27,7 @@ import ml_collections
 from flexolmo_jax import config_base as cb
 
 DOMAINS = ("code", "math", "legal")
+PUBLIC_MIX = 0.25  # share of public data in each owner's expert training
 SIZES = {
     "small": dict(d_model=384, n_layers=3, n_heads=6, n_kv_heads=6, ffn_hidden=1024),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128),
@@ -57,9 +65,19 @@ def get_config(arg=None):
                   lr=3e-3 if stage == "public" else 2e-3,
                   warmup_steps=2 if small else 25, log_every=5 if small else 25)
   config.data.root = default_root()
-  sources = {"public": ["public"], "expert": [domain], "router": ["public"] + list(DOMAINS)}[stage]
   # Paths are resolved against data.root at run time unless absolute.
-  config.data.sources = [[s, 1.0] for s in sources]
+  if stage == "public":
+    config.data.sources = [["public", 1.0]]
+  elif stage == "expert":
+    # The owner's own data plus some public data (public, so no isolation is lost). Trained
+    # on D_i alone, an expert's router row only ever learns to win -- it rises on every
+    # input -- and the stitched model then sends public text to the domain experts. Public
+    # examples teach the row (and its negative bias) where the public expert should lead.
+    config.data.sources = [[domain, 1.0 - PUBLIC_MIX], ["public", PUBLIC_MIX]]
+  else:
+    # Router tuning sees public data and, per domain, proxy text sampled from that owner's
+    # 2-expert model (python -m flexolmo_jax.proxy_data); never the owners' data itself.
+    config.data.sources = [["public", 1.0]] + [[f"proxy_{d}", 1.0] for d in DOMAINS]
   config.data.tokenizer = "tokenizer.json"
   # An owner evaluates on its own data only (plus the public set); the coordinator evaluates
   # the merged model on every domain afterwards (python -m flexolmo_jax.evaluate).

