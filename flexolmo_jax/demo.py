@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
 DOMAINS = ("code", "math", "legal")
 EVAL_DOMAINS = ("public",) + DOMAINS
+_PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 [...]"
 
 
 class Demo:
@@ -51,16 +53,44 @@ class Demo:
     print(f"[{time.time() - self.t0:6.0f}s] {title}", flush=True)
 
   def run(self, args: list, log: str):
-    """A stage in its own process; output to a log file, its tail shown on failure."""
+    """A stage in its own process. Everything it prints goes to a log file; its progress bar
+    (tqdm) is echoed on one terminal line, so long stages show where they are. On failure the
+    log's tail is shown."""
     cmd = [sys.executable, "-m", *[str(a) for a in args]]
     print("  $", " ".join(cmd[1:]), flush=True)
     logfile = self.logs / f"{log}.log"
-    with open(logfile, "a") as f:
-      proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    shown, last, tty = False, 0.0, sys.stdout.isatty()
+    latest = printed = None
+    with open(logfile, "ab") as f:
+      proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+      pending = b""
+      try:
+        while chunk := proc.stdout.read1(4096):
+          f.write(chunk)
+          *segments, pending = re.split(rb"[\r\n]", pending + chunk)
+          bars = [x for x in segments if _PROGRESS.search(x)]
+          if bars:
+            latest = bars[-1].decode(errors="replace").strip()[:150]
+          if bars and (tty or time.time() - last > 30):  # not a terminal: a line per 30 s
+            print(f"\r    {latest}\x1b[K" if tty else f"    {latest}", end="" if tty else "\n",
+                  flush=True)
+            shown, last, printed = tty, time.time(), latest
+        proc.wait()
+        if not tty and latest != printed:  # where it ended
+          print(f"    {latest}", flush=True)
+      except BaseException:  # Ctrl-C: stop the stage too (SIGTERM: the trainer checkpoints)
+        proc.terminate()
+        try:
+          proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+        raise
+    if shown:
+      print(flush=True)
     if proc.returncode:
       raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
-                       f"{logfile.read_text()[-3000:]}")
+                       f"{logfile.read_text(errors='replace')[-3000:]}")
 
   # --- stages -----------------------------------------------------------------------------
 
@@ -141,10 +171,13 @@ class Demo:
     if baselines.exists() and all(done(n) for n in jobs):
       return
     self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
+    # Named explicitly: the data directory also holds the router-tuning proxies.
+    domains = ",".join(f"{d}={self.data / d}" for d in EVAL_DOMAINS)
     for name, (ckpt, extra) in jobs.items():
       out = self.work / "eval" / name
       if not done(name):
-        self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={self.data}",
+        self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
+                  f"--tokenizer={self.data / 'tokenizer.json'}",
                   f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
     if not baselines.exists():
       results = self._baselines()

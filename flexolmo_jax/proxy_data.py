@@ -24,8 +24,14 @@ import numpy as np
 
 
 def sample_documents(model_dir, tokenizer_path: str, samples: int, max_new_tokens: int,
-                     temperature: float, top_p: float, seed: int) -> list[str]:
-  """Decoded sample texts (one or more documents per sample, split at EOS)."""
+                     temperature: float, top_p: float, seed: int,
+                     exclude: tuple[str, ...] = ("public",)) -> list[str]:
+  """Decoded sample texts (one or more documents per sample, split at EOS).
+
+  exclude: experts opted out while sampling. By default the public expert: from a document
+  boundary the 2-expert model's router leans on the public expert, and sampling then drifts
+  into public-style text; the owner's expert alone writes in its domain's style.
+  """
   from tokenizers import Tokenizer
 
   from flexolmo_jax import model_io
@@ -37,7 +43,8 @@ def sample_documents(model_dir, tokenizer_path: str, samples: int, max_new_token
   params = model_io.load_params(model_dir, cfg)
   s = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                stop_at_eos=False, vocab_limit=tok.get_vocab_size())
-  ids = generate(params, cfg, [[cfg.eos_token_id]] * samples, s, seed=seed)
+  exclude = [e for e in exclude if e in cfg.names] if cfg.is_moe else []
+  ids = generate(params, cfg, [[cfg.eos_token_id]] * samples, s, exclude=exclude, seed=seed)
   docs = []
   for row in ids:
     row = np.asarray(row[1:])  # drop the EOS prompt
@@ -74,14 +81,17 @@ def main(argv=None) -> int:
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--top_p", type=float, default=0.95)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--exclude", default="public",
+                  help="experts opted out while sampling (default: the public expert)")
   args = ap.parse_args(argv)
   from flexolmo_jax.data.errors import DataError
   from flexolmo_jax.model_io import ModelDirError
-  from flexolmo_jax.runtime import resolve_model_dir
+  from flexolmo_jax.runtime import parse_names, resolve_model_dir
   try:
     model = resolve_model_dir(args.model)
     docs = sample_documents(model, args.tokenizer, args.samples, args.max_new_tokens,
-                            args.temperature, args.top_p, args.seed)
+                            args.temperature, args.top_p, args.seed,
+                            tuple(parse_names(args.exclude)))
     path = write_dataset(docs, args.name, args.out)
   except (ValueError, OSError, ModelDirError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
