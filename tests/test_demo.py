@@ -44,3 +44,15 @@ def test_demo_tiny_end_to_end_and_resume(tmp_path):
   for stage in ("1/9", "2/9", "3/9", "4/9", "5/9", "6/9", "7/9", "8/9"):  # every stage skipped
     assert f"] {stage}" not in second.stdout, stage
   assert "9/9 report" in second.stdout
+
+  # Without router tuning the report is about the stitched model: evaluation and export are
+  # redone for it rather than reused from the tuned one.
+  third = subprocess.run(cmd + ["--no-router-tuning"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "] 7/9" in third.stdout and "] 8/9" in third.stdout
+  check = json.loads((tmp_path / "hf_check.json").read_text())
+  assert check["model"] == str(tmp_path / "merged") and check["matches_1e-4"]
+  merged = json.loads((tmp_path / "eval" / "merged" / "results.json").read_text())
+  assert merged["model"]["path"] == str(tmp_path / "merged")
+  assert "merged before router tuning" not in (tmp_path / "report.md").read_text()
