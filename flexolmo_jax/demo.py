@@ -8,7 +8,8 @@ demo resumes where it stopped:
   2. train the public model on public data;
   3. domain embeddings: each owner embeds samples of its own data;
   4. train every domain expert from the public model, each in its own process that is given
-     only its own domain's data (the isolation FlexOlmo promises);
+     only its own domain's data plus public data (the isolation FlexOlmo promises: no
+     owner's documents reach another owner or the coordinator);
   5. stitch the public model and the experts into one MoE (verified, streamed);
   6. router tuning (skip with --no-router-tuning): sample proxy text from each owner's
      2-expert model, then train only the router rows on public data + those proxies;
@@ -202,11 +203,9 @@ class Demo:
     if check.exists() and json.loads(check.read_text()).get("model") == str(self.final):
       return json.loads(check.read_text())
     self.step("8/9 exporting to transformers and checking its logits")
-    if not (hf / "config.json").exists() or not check.exists():  # absent, or of another model
-      shutil.rmtree(hf, ignore_errors=True)
-      self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.final}",
-                f"--out={hf}", "--dtype=float32", f"--tokenizer={self.data / 'tokenizer.json'}"],
-               "to_hf")
+    shutil.rmtree(hf, ignore_errors=True)  # unchecked, or of another model: export afresh
+    self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.final}", f"--out={hf}",
+              "--dtype=float32", f"--tokenizer={self.data / 'tokenizer.json'}"], "to_hf")
     import numpy as np
     import torch
     import transformers
