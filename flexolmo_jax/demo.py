@@ -215,8 +215,9 @@ class Demo:
     model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
     with torch.no_grad():
       theirs = model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
-    result = {"model": str(self.final), "max_abs_diff": float(np.abs(ours - theirs).max()), "class": type(model).__name__,
-              "matches_1e-4": bool(np.abs(ours - theirs).max() <= 1e-4)}
+    diff = float(np.abs(ours - theirs).max())
+    result = {"model": str(self.final), "max_abs_diff": diff, "class": type(model).__name__,
+              "matches_1e-4": diff <= 1e-4}
     check.write_text(json.dumps(result, indent=1))
     return result
 

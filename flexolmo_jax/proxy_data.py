@@ -43,7 +43,8 @@ def sample_documents(model_dir, tokenizer_path: str, samples: int, max_new_token
   params = model_io.load_params(model_dir, cfg)
   s = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                stop_at_eos=False, vocab_limit=tok.get_vocab_size())
-  exclude = [e for e in exclude if e in cfg.names] if cfg.is_moe else []
+  # An unknown name is an error (expert_mask names it); a dense model has nothing to opt out.
+  exclude = list(exclude) if cfg.is_moe else []
   ids = generate(params, cfg, [[cfg.eos_token_id]] * samples, s, exclude=exclude, seed=seed)
   docs = []
   for row in ids:
