@@ -19,38 +19,38 @@ from flexolmo_jax.data.errors import DataError
 
 @dataclasses.dataclass
 class Stage:
-    root: str  # scratch directory; removed at the end
-    payload: str  # what gets renamed onto the target (default: root itself)
+  root: str  # scratch directory; removed at the end
+  payload: str  # what gets renamed onto the target (default: root itself)
 
 
 def check_target(target: str, overwrite: bool) -> None:
-    """Fail before any work if the result could not be published."""
-    if os.path.exists(target) and not overwrite:
-        raise DataError("already exists; pass --overwrite to replace it", location=target)
+  """Fail before any work if the result could not be published."""
+  if os.path.exists(target) and not overwrite:
+    raise DataError("already exists; pass --overwrite to replace it", location=target)
 
 
 @contextlib.contextmanager
 def staged_directory(target: str, overwrite: bool = False) -> Iterator[Stage]:
-    target = os.path.abspath(target)
-    check_target(target, overwrite)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    root = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
-    stage = Stage(root=root, payload=root)
-    try:
-        yield stage
-        _publish(stage.payload, target, overwrite)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+  target = os.path.abspath(target)
+  check_target(target, overwrite)
+  parent = os.path.dirname(target)
+  os.makedirs(parent, exist_ok=True)
+  root = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+  stage = Stage(root=root, payload=root)
+  try:
+    yield stage
+    _publish(stage.payload, target, overwrite)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _publish(src: str, target: str, overwrite: bool) -> None:
-    check_target(target, overwrite)  # someone may have published meanwhile
-    old = None
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                               dir=os.path.dirname(target))
-        os.rename(target, os.path.join(old, "x"))
-    os.rename(src, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+  check_target(target, overwrite)  # someone may have published meanwhile
+  old = None
+  if os.path.exists(target):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
+                dir=os.path.dirname(target))
+    os.rename(target, os.path.join(old, "x"))
+  os.rename(src, target)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,63 +15,63 @@ _INFO = "dataset_info.json"
 
 
 def resolve_dataset_dir(path: str) -> str:
-    """Accepts DATA_DIR/NAME/VERSION, DATA_DIR/NAME or a DATA_DIR holding exactly one dataset."""
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if os.path.isfile(os.path.join(path, _INFO)):
-        return path
-    if not os.path.isdir(path):
-        raise DataError("no such dataset directory", location=path)
-    found = []
-    for depth in (1, 2):  # NAME/VERSION below a data dir, or VERSION below a name dir
-        pattern = [path] + ["*"] * depth + [_INFO]
-        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(*pattern))
-                       if "/." not in p[len(path):])  # ignore .partial staging dirs
-        if found:
-            break
-    if len(found) != 1:
-        what = "no prepared dataset" if not found else f"several datasets ({', '.join(found)})"
-        raise DataError(f"{what} found; pass DATA_DIR/NAME/VERSION", location=path)
-    return found[0]
+  """Accepts DATA_DIR/NAME/VERSION, DATA_DIR/NAME or a DATA_DIR holding exactly one dataset."""
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  if os.path.isfile(os.path.join(path, _INFO)):
+    return path
+  if not os.path.isdir(path):
+    raise DataError("no such dataset directory", location=path)
+  found = []
+  for depth in (1, 2):  # NAME/VERSION below a data dir, or VERSION below a name dir
+    pattern = [path] + ["*"] * depth + [_INFO]
+    found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(*pattern))
+            if "/." not in p[len(path):])  # ignore .partial staging dirs
+    if found:
+      break
+  if len(found) != 1:
+    what = "no prepared dataset" if not found else f"several datasets ({', '.join(found)})"
+    raise DataError(f"{what} found; pass DATA_DIR/NAME/VERSION", location=path)
+  return found[0]
 
 
 @functools.lru_cache(maxsize=64)
 def _open(path: str, mtime: float):
-    del mtime  # cache key only: a re-prepared dataset is re-opened
-    import tensorflow_datasets as tfds
+  del mtime  # cache key only: a re-prepared dataset is re-opened
+  import tensorflow_datasets as tfds
 
-    return tfds.builder_from_directory(path)
+  return tfds.builder_from_directory(path)
 
 
 def open_builder(dataset: str):
-    """``tfds.builder_from_directory`` for a resolved dataset directory (cached)."""
-    path = resolve_dataset_dir(dataset)
-    return _open(path, os.path.getmtime(os.path.join(path, _INFO)))
+  """``tfds.builder_from_directory`` for a resolved dataset directory (cached)."""
+  path = resolve_dataset_dir(dataset)
+  return _open(path, os.path.getmtime(os.path.join(path, _INFO)))
 
 
 def split_fingerprint(builder, split: str) -> str:
-    """Content digest of a split recorded at prepare time (falls back to the dataset info)."""
-    recorded = (builder.info.metadata or {}).get("splits", {}).get(split, {}).get("sha256")
-    if recorded:
-        return recorded
-    # A TFDS dataset prepared by other tools: key on its info (names, shard lengths, sizes).
-    with open(os.path.join(str(builder.data_dir), _INFO), "rb") as fh:
-        return hashlib.sha256(fh.read() + split.encode()).hexdigest()
+  """Content digest of a split recorded at prepare time (falls back to the dataset info)."""
+  recorded = (builder.info.metadata or {}).get("splits", {}).get(split, {}).get("sha256")
+  if recorded:
+    return recorded
+  # A TFDS dataset prepared by other tools: key on its info (names, shard lengths, sizes).
+  with open(os.path.join(str(builder.data_dir), _INFO), "rb") as fh:
+    return hashlib.sha256(fh.read() + split.encode()).hexdigest()
 
 
 def dataset_stats(dataset: str) -> dict[str, Any]:
-    """The statistics prepare_data recorded (metadata.json), plus split sizes from tfds."""
-    builder = open_builder(dataset)
-    stats = dict(builder.info.metadata or {})
-    stats["num_examples"] = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
-    return stats
+  """The statistics prepare_data recorded (metadata.json), plus split sizes from tfds."""
+  builder = open_builder(dataset)
+  stats = dict(builder.info.metadata or {})
+  stats["num_examples"] = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
+  return stats
 
 
 def sample_documents(data_dir: str, n: int, seed: int, split: str = "train") -> list[str]:
-    """``min(n, len(split))`` distinct documents drawn uniformly with ``seed`` (deterministic)."""
-    builder = open_builder(data_dir)
-    if split not in builder.info.splits:
-        raise DataError(f"no split {split!r}", location=str(builder.data_dir))
-    source = builder.as_data_source(split=split)
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(source), size=min(n, len(source)), replace=False)
-    return [item["text"].decode("utf-8") for item in source.__getitems__([int(i) for i in idx])]
+  """``min(n, len(split))`` distinct documents drawn uniformly with ``seed`` (deterministic)."""
+  builder = open_builder(data_dir)
+  if split not in builder.info.splits:
+    raise DataError(f"no split {split!r}", location=str(builder.data_dir))
+  source = builder.as_data_source(split=split)
+  rng = np.random.default_rng(seed)
+  idx = rng.choice(len(source), size=min(n, len(source)), replace=False)
+  return [item["text"].decode("utf-8") for item in source.__getitems__([int(i) for i in idx])]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 class DataError(Exception):
-    """Bad input or bad configuration: the message says which file/line and why."""
+  """Bad input or bad configuration: the message says which file/line and why."""
 
-    def __init__(self, message: str, *, location: str | None = None):
-        self.location = location
-        super().__init__(f"{location}: {message}" if location else message)
+  def __init__(self, message: str, *, location: str | None = None):
+    self.location = location
+    super().__init__(f"{location}: {message}" if location else message)

@@ -23,8 +23,8 @@ from flexolmo_jax.data.errors import DataError
 _LINE_FORMATS = (".jsonl", ".ndjson", ".txt")
 _COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 SUPPORTED_SUFFIXES = tuple(
-    [*_LINE_FORMATS, ".parquet"]
-    + [fmt + comp for fmt in _LINE_FORMATS for comp in _COMPRESSIONS]
+  [*_LINE_FORMATS, ".parquet"]
+  + [fmt + comp for fmt in _LINE_FORMATS for comp in _COMPRESSIONS]
 )
 _MAX_EXAMPLES = 20  # skip locations kept verbatim in the statistics
 _CHUNK = 1 << 20
@@ -32,101 +32,101 @@ _CHUNK = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
-    path: str
-    kind: str  # "jsonl" | "txt" | "parquet"
-    compression: str | None  # None | "gz" | "zst"
+  path: str
+  kind: str  # "jsonl" | "txt" | "parquet"
+  compression: str | None  # None | "gz" | "zst"
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    text: str
-    location: str  # "path:line" or "path:row N": provenance, and where errors point
+  text: str
+  location: str  # "path:line" or "path:row N": provenance, and where errors point
 
 
 def classify(path: str) -> InputFile | None:
-    """The reader for ``path`` from its name, or None if the name is not supported."""
-    name = path.lower()
-    compression = None
-    for suffix, comp in _COMPRESSIONS.items():
-        if name.endswith(suffix):
-            compression, name = comp, name[: -len(suffix)]
-    if name.endswith((".jsonl", ".ndjson")):
-        return InputFile(path, "jsonl", compression)
-    if name.endswith(".txt"):
-        return InputFile(path, "txt", compression)
-    if name.endswith(".parquet") and compression is None:
-        return InputFile(path, "parquet", None)
-    return None
+  """The reader for ``path`` from its name, or None if the name is not supported."""
+  name = path.lower()
+  compression = None
+  for suffix, comp in _COMPRESSIONS.items():
+    if name.endswith(suffix):
+      compression, name = comp, name[: -len(suffix)]
+  if name.endswith((".jsonl", ".ndjson")):
+    return InputFile(path, "jsonl", compression)
+  if name.endswith(".txt"):
+    return InputFile(path, "txt", compression)
+  if name.endswith(".parquet") and compression is None:
+    return InputFile(path, "parquet", None)
+  return None
 
 
 def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
-    """Expand paths, globs and directories; fail before any work if one of them is unusable."""
-    if not specs:
-        raise DataError("no --input given")
-    seen: set[str] = set()
-    files: list[InputFile] = []
-    for spec in specs:
-        spec = os.path.expanduser(spec)
-        if glob.has_magic(spec):
-            paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not paths:
-                raise DataError("pattern matched no files", location=spec)
-            found = [classify(p) for p in paths]
-            found = [f for f in found if f is not None]
-            if not found:
-                raise DataError(
-                    f"pattern matched no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
-                    location=spec)
-        elif not os.path.exists(spec):
-            raise DataError("no such file or directory", location=spec)
-        elif os.path.isdir(spec):
-            found = []
-            for dirpath, dirnames, filenames in os.walk(spec):
-                dirnames.sort()  # deterministic walk order
-                for fn in sorted(filenames):
-                    f = classify(os.path.join(dirpath, fn))
-                    if f is not None:
-                        found.append(f)
-            if not found:
-                raise DataError(
-                    f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
-                    location=spec)
-        else:
-            f = classify(spec)
-            if f is None:
-                raise DataError(
-                    f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})",
-                    location=spec)
-            found = [f]
-        for f in found:
-            key = os.path.realpath(f.path)
-            if key not in seen:  # the same file named twice must not be read twice
-                seen.add(key)
-                if not os.access(f.path, os.R_OK):
-                    raise DataError("file is not readable", location=f.path)
-                files.append(f)
-    return files
+  """Expand paths, globs and directories; fail before any work if one of them is unusable."""
+  if not specs:
+    raise DataError("no --input given")
+  seen: set[str] = set()
+  files: list[InputFile] = []
+  for spec in specs:
+    spec = os.path.expanduser(spec)
+    if glob.has_magic(spec):
+      paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+      if not paths:
+        raise DataError("pattern matched no files", location=spec)
+      found = [classify(p) for p in paths]
+      found = [f for f in found if f is not None]
+      if not found:
+        raise DataError(
+          f"pattern matched no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
+          location=spec)
+    elif not os.path.exists(spec):
+      raise DataError("no such file or directory", location=spec)
+    elif os.path.isdir(spec):
+      found = []
+      for dirpath, dirnames, filenames in os.walk(spec):
+        dirnames.sort()  # deterministic walk order
+        for fn in sorted(filenames):
+          f = classify(os.path.join(dirpath, fn))
+          if f is not None:
+            found.append(f)
+      if not found:
+        raise DataError(
+          f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
+          location=spec)
+    else:
+      f = classify(spec)
+      if f is None:
+        raise DataError(
+          f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})",
+          location=spec)
+      found = [f]
+    for f in found:
+      key = os.path.realpath(f.path)
+      if key not in seen:  # the same file named twice must not be read twice
+        seen.add(key)
+        if not os.access(f.path, os.R_OK):
+          raise DataError("file is not readable", location=f.path)
+        files.append(f)
+  return files
 
 
 class SkipLog:
-    """Counts skipped records by reason and keeps the first few locations for the report."""
+  """Counts skipped records by reason and keeps the first few locations for the report."""
 
-    def __init__(self, strict: bool = False):
-        self.strict = strict
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.examples: list[dict[str, str]] = []
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.examples: list[dict[str, str]] = []
 
-    def skip(self, reason: str, location: str, detail: str = "") -> None:
-        if self.strict:
-            raise DataError(f"{reason}{': ' + detail if detail else ''} (strict mode)",
-                            location=location)
-        self.counts[reason] += 1
-        if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append({"reason": reason, "location": location, "detail": detail})
+  def skip(self, reason: str, location: str, detail: str = "") -> None:
+    if self.strict:
+      raise DataError(f"{reason}{': ' + detail if detail else ''} (strict mode)",
+              location=location)
+    self.counts[reason] += 1
+    if len(self.examples) < _MAX_EXAMPLES:
+      self.examples.append({"reason": reason, "location": location, "detail": detail})
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,73 +134,73 @@ class SkipLog:
 
 
 class _StreamError(Exception):
-    """A decompression failure, re-raised by the caller with the line number it reached."""
+  """A decompression failure, re-raised by the caller with the line number it reached."""
 
 
 def _iter_zst_chunks(path: str) -> Iterator[bytes]:
-    try:
-        import zstandard
-    except ImportError as e:  # optional dependency: say how to get it
-        raise DataError("reading .zst needs the 'zstandard' package (pip install zstandard)",
-                        location=path) from e
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    in_frame = False
-    with open(path, "rb") as fh:
-        while raw := fh.read(_CHUNK):
-            while raw:
-                in_frame = True
-                try:
-                    out = dobj.decompress(raw)
-                except zstandard.ZstdError as e:
-                    raise _StreamError(e) from e
-                if out:
-                    yield out
-                raw = b""
-                if dobj.eof:  # a file may hold several frames; each needs a fresh decoder
-                    raw = dobj.unused_data
-                    dobj = zstandard.ZstdDecompressor().decompressobj()
-                    in_frame = False
-    # zstandard's streaming readers stop silently at a cut-off frame; refuse that here.
-    if in_frame:
-        raise _StreamError(EOFError("zstd stream ends inside a frame"))
+  try:
+    import zstandard
+  except ImportError as e:  # optional dependency: say how to get it
+    raise DataError("reading .zst needs the 'zstandard' package (pip install zstandard)",
+            location=path) from e
+  dobj = zstandard.ZstdDecompressor().decompressobj()
+  in_frame = False
+  with open(path, "rb") as fh:
+    while raw := fh.read(_CHUNK):
+      while raw:
+        in_frame = True
+        try:
+          out = dobj.decompress(raw)
+        except zstandard.ZstdError as e:
+          raise _StreamError(e) from e
+        if out:
+          yield out
+        raw = b""
+        if dobj.eof:  # a file may hold several frames; each needs a fresh decoder
+          raw = dobj.unused_data
+          dobj = zstandard.ZstdDecompressor().decompressobj()
+          in_frame = False
+  # zstandard's streaming readers stop silently at a cut-off frame; refuse that here.
+  if in_frame:
+    raise _StreamError(EOFError("zstd stream ends inside a frame"))
 
 
 def _iter_chunks(f: InputFile) -> Iterator[bytes]:
-    if f.compression == "zst":
-        yield from _iter_zst_chunks(f.path)
+  if f.compression == "zst":
+    yield from _iter_zst_chunks(f.path)
+    return
+  if f.compression is None:
+    with open(f.path, "rb") as fh:
+      while chunk := fh.read(_CHUNK):
+        yield chunk
+    return
+  with gzip.open(f.path, "rb") as fh:
+    while True:
+      try:
+        chunk = fh.read(_CHUNK)
+      except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _StreamError(e) from e
+      if not chunk:
         return
-    if f.compression is None:
-        with open(f.path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                yield chunk
-        return
-    with gzip.open(f.path, "rb") as fh:
-        while True:
-            try:
-                chunk = fh.read(_CHUNK)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise _StreamError(e) from e
-            if not chunk:
-                return
-            yield chunk
+      yield chunk
 
 
 def _iter_lines(f: InputFile) -> Iterator[bytes]:
-    tail = b""
-    for chunk in _iter_chunks(f):
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        yield from lines
-    if tail:
-        yield tail
+  tail = b""
+  for chunk in _iter_chunks(f):
+    lines = (tail + chunk).split(b"\n")
+    tail = lines.pop()
+    yield from lines
+  if tail:
+    yield tail
 
 
 def _stream_failed(f: InputFile, line: int, e: BaseException) -> DataError:
-    cause = e.__cause__ or e
-    return DataError(
-        f"compressed stream is truncated or corrupt after line {line} "
-        f"({type(cause).__name__}: {cause}); the file must be re-copied",
-        location=f.path)
+  cause = e.__cause__ or e
+  return DataError(
+    f"compressed stream is truncated or corrupt after line {line} "
+    f"({type(cause).__name__}: {cause}); the file must be re-copied",
+    location=f.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,116 +208,116 @@ def _stream_failed(f: InputFile, line: int, e: BaseException) -> DataError:
 
 
 def _read_jsonl(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Document]:
-    lineno = 0
-    nonblank = 0
-    try:
-        for raw in _iter_lines(f):
-            lineno += 1
-            loc = f"{f.path}:{lineno}"
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) carry no record
-            nonblank += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                log.skip("invalid_utf8", loc, f"byte offset {e.start}")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                log.skip("invalid_json", loc, e.msg)
-                continue
-            if not isinstance(obj, dict):
-                log.skip("not_an_object", loc, type(obj).__name__)
-                continue
-            if text_field not in obj:
-                log.skip("missing_text_field", loc, f"no field {text_field!r}")
-                continue
-            text = obj[text_field]
-            if not isinstance(text, str):
-                log.skip("text_not_a_string", loc, type(text).__name__)
-                continue
-            if not text.strip():
-                log.skip("empty_text", loc)
-                continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # JSON may escape lone surrogates: "\ud800"
-                log.skip("invalid_unicode", loc, f"character offset {e.start}")
-                continue
-            yield Document(text, loc)
-    except _StreamError as e:
-        raise _stream_failed(f, lineno, e) from e
-    if nonblank == 0:
-        log.skip("empty_file", f.path)
+  lineno = 0
+  nonblank = 0
+  try:
+    for raw in _iter_lines(f):
+      lineno += 1
+      loc = f"{f.path}:{lineno}"
+      if not raw.strip():
+        continue  # blank lines (e.g. a trailing newline) carry no record
+      nonblank += 1
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        log.skip("invalid_utf8", loc, f"byte offset {e.start}")
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        log.skip("invalid_json", loc, e.msg)
+        continue
+      if not isinstance(obj, dict):
+        log.skip("not_an_object", loc, type(obj).__name__)
+        continue
+      if text_field not in obj:
+        log.skip("missing_text_field", loc, f"no field {text_field!r}")
+        continue
+      text = obj[text_field]
+      if not isinstance(text, str):
+        log.skip("text_not_a_string", loc, type(text).__name__)
+        continue
+      if not text.strip():
+        log.skip("empty_text", loc)
+        continue
+      try:
+        text.encode("utf-8")
+      except UnicodeEncodeError as e:  # JSON may escape lone surrogates: "\ud800"
+        log.skip("invalid_unicode", loc, f"character offset {e.start}")
+        continue
+      yield Document(text, loc)
+  except _StreamError as e:
+    raise _stream_failed(f, lineno, e) from e
+  if nonblank == 0:
+    log.skip("empty_file", f.path)
 
 
 def _read_txt(f: InputFile, log: SkipLog) -> Iterator[Document]:
-    chunks: list[bytes] = []
-    try:
-        for chunk in _iter_chunks(f):
-            chunks.append(chunk)
-    except _StreamError as e:
-        raise _stream_failed(f, sum(c.count(b"\n") for c in chunks), e) from e
-    data = b"".join(chunks)
-    if not data.strip():
-        log.skip("empty_file", f.path)
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        log.skip("invalid_utf8", f"{f.path}:{line}", f"byte offset {e.start}; file skipped")
-        return
-    yield Document(text, f"{f.path}:1")
+  chunks: list[bytes] = []
+  try:
+    for chunk in _iter_chunks(f):
+      chunks.append(chunk)
+  except _StreamError as e:
+    raise _stream_failed(f, sum(c.count(b"\n") for c in chunks), e) from e
+  data = b"".join(chunks)
+  if not data.strip():
+    log.skip("empty_file", f.path)
+    return
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    log.skip("invalid_utf8", f"{f.path}:{line}", f"byte offset {e.start}; file skipped")
+    return
+  yield Document(text, f"{f.path}:1")
 
 
 def _read_parquet(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+  import pyarrow as pa
+  import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(f.path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"not a readable parquet file ({e})", location=f.path) from e
-    schema = pf.schema_arrow
-    if text_field not in schema.names:
-        # A missing column is the same mistake on every row: stop instead of skipping them all.
-        raise DataError(f"no column {text_field!r} (columns: {', '.join(schema.names)})",
-                        location=f.path)
-    col_type = schema.field(text_field).type
-    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-        raise DataError(f"column {text_field!r} has type {col_type}, expected string",
-                        location=f.path)
-    if pf.metadata.num_rows == 0:
-        log.skip("empty_file", f.path)
-        return
-    row = 0
-    try:
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                loc = f"{f.path}:row {row}"
-                if text is None:
-                    log.skip("missing_text_field", loc, "null")
-                elif not text.strip():
-                    log.skip("empty_text", loc)
-                else:
-                    yield Document(text, loc)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"parquet read failed after row {row} ({e})", location=f.path) from e
+  try:
+    pf = pq.ParquetFile(f.path)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"not a readable parquet file ({e})", location=f.path) from e
+  schema = pf.schema_arrow
+  if text_field not in schema.names:
+    # A missing column is the same mistake on every row: stop instead of skipping them all.
+    raise DataError(f"no column {text_field!r} (columns: {', '.join(schema.names)})",
+            location=f.path)
+  col_type = schema.field(text_field).type
+  if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+    raise DataError(f"column {text_field!r} has type {col_type}, expected string",
+            location=f.path)
+  if pf.metadata.num_rows == 0:
+    log.skip("empty_file", f.path)
+    return
+  row = 0
+  try:
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+      for text in batch.column(0).to_pylist():
+        row += 1
+        loc = f"{f.path}:row {row}"
+        if text is None:
+          log.skip("missing_text_field", loc, "null")
+        elif not text.strip():
+          log.skip("empty_text", loc)
+        else:
+          yield Document(text, loc)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"parquet read failed after row {row} ({e})", location=f.path) from e
 
 
 def iter_documents(files: Iterable[InputFile], text_field: str,
-                   log: SkipLog) -> Iterator[Document]:
-    """All documents of ``files`` in order; skips go to ``log``; fatal problems raise."""
-    for f in files:
-        if os.path.getsize(f.path) == 0:
-            log.skip("empty_file", f.path)
-            continue
-        if f.kind == "jsonl":
-            yield from _read_jsonl(f, text_field, log)
-        elif f.kind == "txt":
-            yield from _read_txt(f, log)
-        else:
-            yield from _read_parquet(f, text_field, log)
+          log: SkipLog) -> Iterator[Document]:
+  """All documents of ``files`` in order; skips go to ``log``; fatal problems raise."""
+  for f in files:
+    if os.path.getsize(f.path) == 0:
+      log.skip("empty_file", f.path)
+      continue
+    if f.kind == "jsonl":
+      yield from _read_jsonl(f, text_field, log)
+    elif f.kind == "txt":
+      yield from _read_txt(f, log)
+    else:
+      yield from _read_parquet(f, text_field, log)

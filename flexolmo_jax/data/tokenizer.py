@@ -26,87 +26,87 @@ VOCAB_MULTIPLE = 128
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerInfo:
-    path: str
-    vocab_size: int  # ids the tokenizer can emit (with added tokens)
-    padded_vocab_size: int  # model vocabulary: next multiple of 128
-    eos_id: int
-    pad_id: int  # == eos_id when the tokenizer has no pad token; loss masks make that safe
-    sha256: str  # of the canonical JSON: keys caches of tokenized data
+  path: str
+  vocab_size: int  # ids the tokenizer can emit (with added tokens)
+  padded_vocab_size: int  # model vocabulary: next multiple of 128
+  eos_id: int
+  pad_id: int  # == eos_id when the tokenizer has no pad token; loss masks make that safe
+  sha256: str  # of the canonical JSON: keys caches of tokenized data
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    return -(-vocab_size // multiple) * multiple
+  return -(-vocab_size // multiple) * multiple
 
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, mtime: float) -> tokenizers.Tokenizer:
-    del mtime  # part of the cache key only, so an overwritten file is re-read
-    try:
-        tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises bare Exception subclasses
-        raise DataError(f"not a HuggingFace tokenizer.json ({e})", location=path) from e
-    # Text that happens to contain "<|endoftext|>" must stay text: otherwise a document could
-    # inject EOS/pad ids and break packing's one-EOS-per-document invariant.
-    tok.encode_special_tokens = True
-    return tok
+  del mtime  # part of the cache key only, so an overwritten file is re-read
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises bare Exception subclasses
+    raise DataError(f"not a HuggingFace tokenizer.json ({e})", location=path) from e
+  # Text that happens to contain "<|endoftext|>" must stay text: otherwise a document could
+  # inject EOS/pad ids and break packing's one-EOS-per-document invariant.
+  tok.encode_special_tokens = True
+  return tok
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
-    """The tokenizer at ``path`` (cached; do not mutate the returned object)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
-        raise DataError("tokenizer file not found", location=path)
-    return _load(path, os.path.getmtime(path))
+  """The tokenizer at ``path`` (cached; do not mutate the returned object)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise DataError("tokenizer file not found", location=path)
+  return _load(path, os.path.getmtime(path))
 
 
 def _find(tok: tokenizers.Tokenizer, names: Iterable[str]) -> int | None:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
+  for name in names:
+    i = tok.token_to_id(name)
+    if i is not None:
+      return i
+  return None
 
 
 def tokenizer_info(path: str) -> TokenizerInfo:
-    tok = load_tokenizer(path)
-    eos = _find(tok, _EOS_CANDIDATES)
-    if eos is None:
-        raise DataError(f"no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})",
-                        location=path)
-    pad = _find(tok, _PAD_CANDIDATES)
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    return TokenizerInfo(
-        path=os.path.abspath(path), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
-        eos_id=eos, pad_id=eos if pad is None else pad,
-        sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
+  tok = load_tokenizer(path)
+  eos = _find(tok, _EOS_CANDIDATES)
+  if eos is None:
+    raise DataError(f"no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})",
+            location=path)
+  pad = _find(tok, _PAD_CANDIDATES)
+  vocab = tok.get_vocab_size(with_added_tokens=True)
+  return TokenizerInfo(
+    path=os.path.abspath(path), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
+    eos_id=eos, pad_id=eos if pad is None else pad,
+    sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
 
 
 def padded_vocab_size(path: str) -> int:
-    """Model vocabulary size for the tokenizer at ``path``: a multiple of 128."""
-    return tokenizer_info(path).padded_vocab_size
+  """Model vocabulary size for the tokenizer at ``path``: a multiple of 128."""
+  return tokenizer_info(path).padded_vocab_size
 
 
 def special_ids(path: str) -> tuple[int, int]:
-    """(eos_id, pad_id) of the tokenizer at ``path``."""
-    info = tokenizer_info(path)
-    return info.eos_id, info.pad_id
+  """(eos_id, pad_id) of the tokenizer at ``path``."""
+  info = tokenizer_info(path)
+  return info.eos_id, info.pad_id
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> TokenizerInfo:
-    """Trains a byte-level BPE (GPT-2 style, no normaliser) and saves it as tokenizer.json.
+  """Trains a byte-level BPE (GPT-2 style, no normaliser) and saves it as tokenizer.json.
 
-    Deterministic for the same texts in the same order (checked in tests). Ids 0 and 1 are
-    EOS and pad. The saved file is written to a temporary name and renamed.
-    """
-    tok = tokenizers.Tokenizer(models.BPE())
-    # No normaliser and a byte-level decoder: decode(encode(s)) == s for every string.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, out_path)
-    return tokenizer_info(out_path)
+  Deterministic for the same texts in the same order (checked in tests). Ids 0 and 1 are
+  EOS and pad. The saved file is written to a temporary name and renamed.
+  """
+  tok = tokenizers.Tokenizer(models.BPE())
+  # No normaliser and a byte-level decoder: decode(encode(s)) == s for every string.
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  tmp = f"{out_path}.tmp-{os.getpid()}"
+  tok.save(tmp)
+  os.replace(tmp, out_path)
+  return tokenizer_info(out_path)
