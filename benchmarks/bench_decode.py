@@ -1,4 +1,4 @@
-"""Decode throughput: flexolmo_jax.generate vs transformers `generate`, same tiny model, one run.
+"""Decode throughput: flexolmo_jax.inference.generate vs transformers `generate`, same tiny model, one run.
 
   python benchmarks/bench_decode.py [--new_tokens=128] [--prompt_len=32] [--repeats=3]
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from common import peak_rss_mb  # noqa: E402
 from flexolmo_jax.convert import hf_mapping  # noqa: E402
-from flexolmo_jax.generate import Sampling, left_pad, make_generate_fn  # noqa: E402
+from flexolmo_jax.inference.generate import Sampling, left_pad, make_generate_fn  # noqa: E402
 from flexolmo_jax.model import ModelConfig, init_params  # noqa: E402
 
 BENCH = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, ffn_hidden=688,

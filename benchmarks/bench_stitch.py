@@ -71,7 +71,7 @@ def generate(root: pathlib.Path, n_experts: int, a) -> None:
   """Public model + n expert checkpoints, one in memory at a time (run in a child process)."""
   import ml_dtypes
   import numpy as np
-  from flexolmo_jax import model_io
+  from flexolmo_jax.storage import model_io
   from flexolmo_jax.model.config import ModelConfig
 
   bf16 = ml_dtypes.bfloat16

@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 
 def load(path, exclude=(), **overrides):
-  """Load a model directory, training workdir or imported HF model; see flexolmo_jax.loading."""
-  from flexolmo_jax.loading import load as _load  # lazy: keep `import flexolmo_jax` light
+  """Load a model directory, training workdir or imported HF model; see flexolmo_jax.inference.load."""
+  from flexolmo_jax.inference.load import load as _load  # lazy: keep `import flexolmo_jax` light
   return _load(path, exclude, **overrides)

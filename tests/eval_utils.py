@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.data import tokenizer_info
 from flexolmo_jax.model import ModelConfig
 from model_utils import random_params

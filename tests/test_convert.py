@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import flexolmo_jax  # noqa: E402
-from flexolmo_jax import model_io  # noqa: E402
+from flexolmo_jax.storage import model_io  # noqa: E402
 from flexolmo_jax.convert.__main__ import main as convert_main  # noqa: E402
 from flexolmo_jax.convert.safetensors_io import Reader, Writer  # noqa: E402
 from flexolmo_jax.stitch import stitch  # noqa: E402

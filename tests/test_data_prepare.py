@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from flexolmo_jax import prepare_data
+from flexolmo_jax.data import prepare_data
 from flexolmo_jax.data import (DataError, dataset_stats, prepare_dataset, sample_documents,
                                train_bpe_tokenizer)
 from flexolmo_jax.data import prepare as prepare_mod

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eval_utils import save_model, tiny_moe_config
-from flexolmo_jax import generate as gen
+from flexolmo_jax.inference import generate as gen
 from flexolmo_jax.model import FlexOlmo, expert_mask
 from model_utils import random_params, tiny_config
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from flexolmo_jax.data import catalog
-from flexolmo_jax.proxy_data import sample_documents, write_dataset
+from flexolmo_jax.data.proxy_data import sample_documents, write_dataset
 from train_utils import ROOT
 
 

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from flexolmo_jax.train.domain_embedding import EmbedderError, domain_embedding
+from flexolmo_jax.data.domain_embedding import EmbedderError, domain_embedding
 from train_utils import ROOT
 
 

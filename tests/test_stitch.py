@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import flexolmo_jax
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.model.expert_mask import UnknownExpertError
-from flexolmo_jax.param_store import ordered_map
+from flexolmo_jax.storage.param_store import ordered_map
 from flexolmo_jax.stitch import SourceError, StitchError, prune, stitch, verify
 from flexolmo_jax.stitch.__main__ import main as stitch_main
 from flexolmo_jax.train.init import expert_from_public

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import model_io
-from flexolmo_jax.train import checkpoint as ckpt
+from flexolmo_jax.storage import model_io
+from flexolmo_jax.storage import checkpoints as ckpt
 from flexolmo_jax.train.init import expert_from_public, load_embedding
 from flexolmo_jax.train.trainer import TrainingError, train
 from train_utils import tiny_stage_config

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.train.trainer import train
 from train_utils import ROOT, tiny_stage_config
 

@@ -53,7 +53,7 @@ def main(argv):
   print(report(result))
   line = json.dumps(result)
   if _JSON_OUT.value:
-    from flexolmo_jax.runtime import write_text_atomic
+    from flexolmo_jax.storage.atomic import write_text_atomic
     write_text_atomic(_JSON_OUT.value, line + "\n")
   print(line)
   sys.exit(0 if result["fits"] else 1)

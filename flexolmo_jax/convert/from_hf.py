@@ -14,13 +14,13 @@ import pathlib
 import shutil
 import sys
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.convert import hf_mapping
 from flexolmo_jax.convert.safetensors_io import Reader, SafetensorsError
 from flexolmo_jax.convert.to_hf import (INDEX_FILE, TOKENIZER_FILES, ConvertError, np_dtype,
                                         ours_block_index, transpose)
 from flexolmo_jax.model.params import abstract_params
-from flexolmo_jax.param_store import ParamWriter, ordered_map, staged_output, tree_leaves
+from flexolmo_jax.storage.param_store import ParamWriter, ordered_map, staged_output, tree_leaves
 
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers' in-memory layout
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from flexolmo_jax.param_store import write_all
+from flexolmo_jax.storage.param_store import write_all
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
           "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),

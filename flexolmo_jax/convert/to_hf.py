@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.convert import hf_mapping
 from flexolmo_jax.convert.safetensors_io import Writer
 from flexolmo_jax.model.expert_mask import UnknownExpertError
-from flexolmo_jax.param_store import (CHUNK_BYTES, ParamReader, ordered_map, staged_output)
+from flexolmo_jax.storage.param_store import (CHUNK_BYTES, ParamReader, ordered_map, staged_output)
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tokenizer (and generation) files carried between HF folders and model directories.
@@ -149,7 +149,7 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
   hence logits, will differ); otherwise such a model is refused.
   """
   from tqdm import tqdm
-  from flexolmo_jax.stitch.sources import resolve
+  from flexolmo_jax.storage.sources import resolve
   src = resolve(ckpt, "checkpoint")
   cfg = src.cfg
   exclude = list(dict.fromkeys(exclude))

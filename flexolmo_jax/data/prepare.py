@@ -21,7 +21,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from flexolmo_jax.data import atomic, readers, tfds_builder
+from flexolmo_jax.data import readers, tfds_builder
+from flexolmo_jax.storage import atomic
 from flexolmo_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -51,20 +51,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from flexolmo_jax import runtime
-  runtime.init_distributed(args.coordinator_address, args.num_processes, args.process_id,
+  from flexolmo_jax import cli
+  from flexolmo_jax.parallel.distributed import init_distributed
+  init_distributed(args.coordinator_address, args.num_processes, args.process_id,
                            args.distributed, args.cpu_devices)
   import jax
   from flexolmo_jax.data import DataError
   from flexolmo_jax.evaluate.report import markdown, write_all
   from flexolmo_jax.evaluate.run import EvalOptions, evaluate
-  from flexolmo_jax.model_io import ModelDirError
+  from flexolmo_jax.storage.model_io import ModelDirError
   try:
     opts = EvalOptions(
-        ckpt=args.ckpt, data=args.data, tasks=runtime.parse_names(args.tasks),
-        tokenizer=args.tokenizer, exclude=runtime.parse_names(args.exclude),
+        ckpt=args.ckpt, data=args.data, tasks=cli.parse_names(args.tasks),
+        tokenizer=args.tokenizer, exclude=cli.parse_names(args.exclude),
         opt_out_matrix=args.opt_out_matrix, seq_len=args.seq_len, batch_size=args.batch_size,
-        split=args.split, max_batches=args.max_batches, mesh=runtime.parse_mesh(args.mesh),
+        split=args.split, max_batches=args.max_batches, mesh=cli.parse_mesh(args.mesh),
         dispatch=args.dispatch, param_dtype=args.param_dtype, routing=not args.no_routing)
     results = evaluate(opts)
   except (DataError, ModelDirError, ValueError) as e:  # UnknownExpertError is a ValueError

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from flexolmo_jax.runtime import write_text_atomic
+from flexolmo_jax.storage.atomic import write_text_atomic
 
 
 def table(results: dict) -> str:

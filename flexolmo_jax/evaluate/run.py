@@ -7,7 +7,9 @@ from typing import Sequence
 
 import jax
 
-from flexolmo_jax import model_io, runtime
+from flexolmo_jax.inference.load import load_model
+from flexolmo_jax.storage.sources import resolve_model_dir
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.data import load_tokenizer, tokenizer_info
 from flexolmo_jax.evaluate import multiple_choice, perplexity, steps
 from flexolmo_jax.evaluate.subsets import subsets_for
@@ -37,7 +39,7 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
   t0 = time.time()
   mesh = make_mesh(opts.mesh or {"fsdp": -1}, devices)
   rules = DEFAULT_RULES
-  path = runtime.resolve_model_dir(opts.ckpt)
+  path = resolve_model_dir(opts.ckpt)
   cfg = model_io.read_config(path)
   subsets = subsets_for(cfg, list(opts.exclude), opts.opt_out_matrix)  # check names first
   domains = perplexity.discover_domains(opts.data) if opts.data else {}
@@ -55,7 +57,7 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
   if not domains and not tasks:
     raise ValueError("nothing to evaluate: pass --data and/or --tasks")
 
-  cfg, params = runtime.load_model(path, mesh, rules, dispatch=opts.dispatch,
+  cfg, params = load_model(path, mesh, rules, dispatch=opts.dispatch,
                                    param_dtype=opts.param_dtype)
   p_sh = param_shardings(cfg, mesh, rules)
   B = opts.batch_size

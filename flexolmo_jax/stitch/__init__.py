@@ -5,7 +5,7 @@
   python -m flexolmo_jax.stitch --model=STITCHED --drop=NAME[,NAME] --out=DIR   # prune
   python -m flexolmo_jax.stitch --verify=DIR                                      # sha256s
 """
-from flexolmo_jax.stitch.sources import Source, SourceError, resolve
+from flexolmo_jax.storage.sources import Source, SourceError, resolve
 from flexolmo_jax.stitch.verify import StitchError
 from flexolmo_jax.stitch.writer import prune, stitch, verify
 

@@ -6,9 +6,9 @@ import logging
 import sys
 
 from flexolmo_jax.model.expert_mask import UnknownExpertError
-from flexolmo_jax.model_io import ModelDirError
-from flexolmo_jax.param_store import StoreError
-from flexolmo_jax.stitch.sources import SourceError
+from flexolmo_jax.storage.model_io import ModelDirError
+from flexolmo_jax.storage.param_store import StoreError
+from flexolmo_jax.storage.sources import SourceError
 from flexolmo_jax.stitch.verify import StitchError
 
 REFUSALS = (StitchError, SourceError, StoreError, UnknownExpertError, ModelDirError)
@@ -54,7 +54,7 @@ def parse(argv):
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   args = parse(sys.argv[1:] if argv is None else argv)
-  from flexolmo_jax.param_store import tune_malloc
+  from flexolmo_jax.storage.param_store import tune_malloc
   tune_malloc()
   from flexolmo_jax.stitch.writer import prune, stitch, verify
   try:

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from flexolmo_jax.model.config import ModelConfig
-from flexolmo_jax.stitch.sources import Source
+from flexolmo_jax.storage.sources import Source
 
 
 class StitchError(ValueError):

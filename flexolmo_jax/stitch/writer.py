@@ -23,14 +23,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.expert_mask import UnknownExpertError
 from flexolmo_jax.model.params import abstract_params
-from flexolmo_jax.param_store import (EXPERT_LEAVES, ParamReader, ParamWriter, chunk_grid,
+from flexolmo_jax.storage.param_store import (EXPERT_LEAVES, ParamReader, ParamWriter, chunk_grid,
                                       describe_index, lead_axes, leaf_name, ordered_map,
                                       staged_output, tree_leaves)
-from flexolmo_jax.stitch.sources import Source, resolve
+from flexolmo_jax.storage.sources import Source, resolve
 from flexolmo_jax.stitch.verify import (StitchError, bitwise_equal, check_configs, check_names,
                                         first_difference)
 

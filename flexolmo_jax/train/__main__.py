@@ -27,8 +27,8 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 
 
 def init_distributed():
-  from flexolmo_jax import runtime
-  runtime.init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value,
+  from flexolmo_jax.parallel.distributed import init_distributed
+  init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value,
                            _LOCAL_DEVICES.value)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.model import ModelConfig, init_params
 
 FFN_KEYS = ("gate_proj", "up_proj", "down_proj")

@@ -18,13 +18,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flexolmo_jax import config_base, model_io
+from flexolmo_jax import config_base
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.data import make_eval_loader, make_train_loader
 from flexolmo_jax.model import abstract_params, param_logical_axes
 from flexolmo_jax.model.flops import peak_flops_for, train_flops
 from flexolmo_jax.parallel import (activation_sharding, fit_spec, logical_shardings, make_mesh,
                                    rules_from_config)
-from flexolmo_jax.train import checkpoint as ckpt
+from flexolmo_jax.storage import checkpoints as ckpt
 from flexolmo_jax.train.init import fingerprint, initial_params
 from flexolmo_jax.train.metrics import MetricWriter
 from flexolmo_jax.train.optim import make_optimizer

@@ -20,7 +20,8 @@ import os
 import shutil
 from typing import Any
 
-from flexolmo_jax.data import atomic, catalog, domain_gap, packing, prepare, tokenizer
+from flexolmo_jax.data import catalog, domain_gap, packing, prepare, tokenizer
+from flexolmo_jax.storage import atomic
 from flexolmo_jax.data.errors import DataError
 from flexolmo_jax.data.flexmix_mini import domains, math_problems
 

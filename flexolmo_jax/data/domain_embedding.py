@@ -49,7 +49,7 @@ def self_embedding(docs: list[str], model_dir: str, tokenizer_path: str, max_len
   """Mean (over documents) of the mean final hidden state (before the final norm), unit norm."""
   import jax
   import jax.numpy as jnp
-  from flexolmo_jax import model_io
+  from flexolmo_jax.storage import model_io
   from flexolmo_jax.data import load_tokenizer
   from flexolmo_jax.model import FlexOlmo
 

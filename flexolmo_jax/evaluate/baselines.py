@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.model import FlexOlmo, ModelConfig
 from flexolmo_jax.train.losses import token_losses
 

@@ -11,7 +11,7 @@ import logging
 import pathlib
 from typing import Any
 
-from flexolmo_jax import model_io
+from flexolmo_jax.storage import model_io
 from flexolmo_jax.model.config import ModelConfig
 
 
@@ -85,3 +85,9 @@ def resolve(path, name: str = "model") -> Source:
       logging.warning("%s: %s/export is step %s but checkpoints reach step %d (training resumed "
                       "and not finished?); using the export", name, given, meta["step"], steps[-1])
   return Source(name=name, given=given, model_dir=model_dir, cfg=cfg, meta=meta, kind=kind)
+
+
+def resolve_model_dir(path) -> pathlib.Path:
+  """A model directory, or a training workdir whose export/ is one (same rules and messages
+  as the stitcher's sources)."""
+  return resolve(path, "model").model_dir

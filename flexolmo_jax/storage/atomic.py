@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import pathlib
 import tempfile
 from collections.abc import Iterator
 
@@ -54,3 +55,22 @@ def _publish(src: str, target: str, overwrite: bool) -> None:
   os.rename(src, target)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path, text: str | bytes) -> pathlib.Path:
+  """Write to a temporary sibling, then rename: readers never see a partial file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = text.encode() if isinstance(text, str) else text
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import param_store
+from flexolmo_jax.storage import param_store
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.params import abstract_params
 

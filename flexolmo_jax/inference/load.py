@@ -74,9 +74,9 @@ def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
   overrides: ModelConfig fields that do not change parameter shapes, e.g. dtype="float32"
   (compute precision) or dispatch="capacity".
   """
-  from flexolmo_jax import model_io
+  from flexolmo_jax.storage import model_io
   from flexolmo_jax.model.expert_mask import UnknownExpertError
-  from flexolmo_jax.stitch.sources import resolve
+  from flexolmo_jax.storage.sources import resolve
   if isinstance(exclude, str):
     exclude = [n for n in exclude.split(",") if n]
   src = resolve(path, "model")
@@ -94,3 +94,20 @@ def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
   manifest_file = src.model_dir / model_io.MANIFEST_FILE
   manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
   return Model(src.model_dir, cfg, params, exclude, src.meta, manifest)
+
+
+def load_model(path, mesh, rules, **overrides):
+  """(cfg, params) of a model directory, params restored straight into their shardings.
+
+  overrides: ModelConfig fields that do not change parameter shapes (dispatch, dtype, ...).
+  """
+  from flexolmo_jax.parallel import param_shardings
+  from flexolmo_jax.storage import model_io
+  from flexolmo_jax.storage.sources import resolve_model_dir
+  path = resolve_model_dir(path)
+  cfg = model_io.read_config(path)
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if overrides:
+    cfg = cfg.replace(**overrides)
+  params = model_io.load_params(path, cfg, shardings=param_shardings(cfg, mesh, rules))
+  return cfg, params

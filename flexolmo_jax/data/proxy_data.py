@@ -1,0 +1,106 @@
+"""Proxy data for router tuning, sampled from an owner's model instead of read from its data.
+
+  python -m flexolmo_jax.proxy_data --model=EXPERT_DIR --name=proxy_math --out=DATA_DIR \
+      --tokenizer=tokenizer.json [--samples=64 --max_new_tokens=128 --temperature=1.0 \
+      --top_p=0.95 --seed=0]
+
+Router tuning (FLEXOLMO.md section 1.4) needs text that looks like each closed domain, but the
+coordinator never sees the owners' data. What it does hold is each owner's 2-expert model,
+which already left the owner to be stitched; sampling from it gives text in that domain's
+style without any document changing hands. Samples start from EOS (a document boundary in
+training) and are written as an ordinary prepared dataset DATA_DIR/NAME/1.0.0, so the router
+stage reads them like any other source. Samples are cut at EOS into documents.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+
+def sample_documents(model_dir, tokenizer_path: str, samples: int, max_new_tokens: int,
+                     temperature: float, top_p: float, seed: int,
+                     exclude: tuple[str, ...] = ("public",)) -> list[str]:
+  """Decoded sample texts (one or more documents per sample, split at EOS).
+
+  exclude: experts opted out while sampling. By default the public expert: from a document
+  boundary the 2-expert model's router leans on the public expert, and sampling then drifts
+  into public-style text; the owner's expert alone writes in its domain's style.
+  """
+  from tokenizers import Tokenizer
+
+  from flexolmo_jax.storage import model_io
+  from flexolmo_jax.inference.generate import Sampling, generate, inference_dispatch
+
+  tok = Tokenizer.from_file(str(tokenizer_path))
+  cfg = model_io.read_config(model_dir)
+  cfg = dataclasses.replace(cfg, dispatch=inference_dispatch(cfg))
+  params = model_io.load_params(model_dir, cfg)
+  s = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+               stop_at_eos=False, vocab_limit=tok.get_vocab_size())
+  # An unknown name is an error (expert_mask names it); a dense model has nothing to opt out.
+  exclude = list(exclude) if cfg.is_moe else []
+  ids = generate(params, cfg, [[cfg.eos_token_id]] * samples, s, exclude=exclude, seed=seed)
+  docs = []
+  for row in ids:
+    row = np.asarray(row[1:])  # drop the EOS prompt
+    cuts = np.flatnonzero(row == cfg.eos_token_id)
+    for piece in np.split(row, cuts):
+      piece = piece[piece != cfg.eos_token_id]
+      text = tok.decode(piece.tolist()) if piece.size else ""
+      if text.strip():
+        docs.append(text)
+  if not docs:
+    raise ValueError(f"{model_dir}: sampling produced no text (every sample was EOS)")
+  return docs
+
+
+def write_dataset(docs: list[str], name: str, out_dir, validation_fraction: float = 0.05) -> str:
+  """docs -> DATA_DIR/NAME/1.0.0 via the normal prepare path (atomic, verified)."""
+  from flexolmo_jax.data import prepare
+  with tempfile.TemporaryDirectory() as tmp:
+    src = pathlib.Path(tmp) / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return prepare.prepare_dataset(name, [str(src)], str(out_dir),
+                                   validation_fraction=validation_fraction, overwrite=True)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m flexolmo_jax.proxy_data",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--model", required=True, help="the owner's exported 2-expert model dir")
+  ap.add_argument("--name", required=True, help="dataset name, e.g. proxy_math")
+  ap.add_argument("--out", required=True, help="data directory receiving NAME/1.0.0")
+  ap.add_argument("--tokenizer", required=True)
+  ap.add_argument("--samples", type=int, default=64)
+  ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--top_p", type=float, default=0.95)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--exclude", default="public",
+                  help="experts opted out while sampling (default: the public expert)")
+  args = ap.parse_args(argv)
+  from flexolmo_jax.data.errors import DataError
+  from flexolmo_jax.storage.model_io import ModelDirError
+  from flexolmo_jax.cli import parse_names
+  from flexolmo_jax.storage.sources import resolve_model_dir
+  try:
+    model = resolve_model_dir(args.model)
+    docs = sample_documents(model, args.tokenizer, args.samples, args.max_new_tokens,
+                            args.temperature, args.top_p, args.seed,
+                            tuple(parse_names(args.exclude)))
+    path = write_dataset(docs, args.name, args.out)
+  except (ValueError, OSError, ModelDirError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps({"dataset": path, "documents": len(docs)}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

