@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from flexolmo_jax import config_base
-from flexolmo_jax.aot.chips import Chip, chip_for
+from flexolmo_jax.parallel.chips import Chip, chip_for
 from flexolmo_jax.aot.hlo import collective_bytes
 from flexolmo_jax.aot.jaxpr_flops import matmul_flops
 from flexolmo_jax.model import abstract_params

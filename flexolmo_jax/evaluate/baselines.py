@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.storage import model_io
-from flexolmo_jax.model import FlexOlmo, ModelConfig
-from flexolmo_jax.train.losses import token_losses
+from flexolmo_jax.evaluate import steps
+from flexolmo_jax.model import ModelConfig
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -36,26 +36,24 @@ def model_soup(public_dir, expert_dirs) -> tuple[ModelConfig, dict]:
   return pub_cfg, dict(pub, decoder=dict(pub["decoder"], layers=layers))
 
 
-def _token_logprobs(cfg, params, batch):
-  logits, _, _ = FlexOlmo(cfg).apply({"params": params}, batch["input_ids"])
-  ce, _ = token_losses(logits, batch["targets"])
-  return -ce
+def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=()) -> float:
+  """Mean token loss of the uniform mixture of the members' next-token distributions.
 
-
-def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader) -> float:
-  """Mean token loss of the uniform mixture of the members' next-token distributions."""
-  fns = [jax.jit(lambda p, b, c=cfg: _token_logprobs(c, p, b)) for cfg, _ in members]
+  Each member is scored by the evaluation step every other evaluation uses
+  (`steps.make_logprob_fn`); the mixture is formed per token in fp32.
+  """
+  fns = [jax.jit(steps.make_logprob_fn(cfg, rules)) for cfg, _ in members]
   total = count = 0.0
-  for batch in loader:
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
+  for local in loader:
+    b = steps.global_batch(local)
     lp = jnp.stack([fn(p, b) for fn, (_, p) in zip(fns, members)])  # [M, B, T]
     mix = jax.nn.logsumexp(lp, axis=0) - np.log(len(members))
-    mask = np.asarray(batch["loss_mask"], np.float64)
+    mask = np.asarray(local["loss_mask"], np.float64)
     total += float(np.sum(-np.asarray(mix, np.float64) * mask))
     count += float(mask.sum())
-  return total / max(count, 1.0)
+  return total / count if count else float("nan")
 
 
-def model_loss(cfg: ModelConfig, params, loader) -> float:
-  """Mean token loss of one model over a loader (exact over the split)."""
-  return ensemble_loss([(cfg, params)], loader)
+def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
+  """Mean token loss of one model over a loader (exact over the split): the loss step."""
+  return steps.mean_loss(jax.jit(steps.make_loss_fn(cfg, rules, routing=False)), params, loader)

@@ -57,11 +57,6 @@ def default_tokenizer(spec: str) -> str | None:
   return path if os.path.isfile(path) else None
 
 
-def _global(local: dict, shardings: dict) -> dict:
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
-          for k in steps.BATCH_KEYS}
-
-
 def evaluate_domains(step, params, cfg, domains: dict[str, str], tokenizer: str, seq_len: int,
                      batch_size: int, subsets, batch_shardings, split: str = "validation",
                      max_batches: int | None = None) -> dict[str, dict[str, dict]]:
@@ -74,7 +69,7 @@ def evaluate_domains(step, params, cfg, domains: dict[str, str], tokenizer: str,
     for i, local in enumerate(loader):
       if max_batches is not None and i >= max_batches:
         break
-      batch = _global(local, batch_shardings)
+      batch = steps.global_batch(local, batch_shardings)
       for s in subsets:
         r = jax.device_get(step(params, batch, masks[s.name]))
         a = acc[s.name]

@@ -1,9 +1,15 @@
-"""The jitted evaluation steps (the AOT planner lowers the same functions for TPU).
+"""The one evaluation step, and the jitted functions built on it.
 
-    loss step   (params, batch, expert_mask) -> summed token loss, token count, and the
-                number of (valid) tokens each expert received in each layer [L, E]
-    score step  (params, batch, expert_mask) -> per-row summed log-likelihood of the masked
-                targets, and whether greedy decoding reproduces them (multiple choice)
+Every evaluation in the project goes through `token_scores` (the forward pass + per-token
+cross-entropy of the targets): training's validation loss, `python -m flexolmo_jax.evaluate`,
+the merging baselines, the demo and the AOT planner (which lowers the same loss step for TPU).
+
+    loss step      (params, batch, expert_mask) -> summed token loss, token count, and the
+                   number of (valid) tokens each expert received in each layer [L, E]
+    score step     (params, batch, expert_mask) -> per-row summed log-likelihood of the masked
+                   targets, and whether greedy decoding reproduces them (multiple choice)
+    logprob step   (params, batch, expert_mask) -> per-token log-probability of the targets
+                   [B, T] (output ensembles, e.g. BTM, mix these across models)
 
 `batch` is {"input_ids", "targets", "loss_mask"} [B, T]; `expert_mask` is bool [B, E]
 (None for a dense model). Inputs are global arrays sharded over the mesh's batch axes.
@@ -13,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexolmo_jax.model import FlexOlmo, ModelConfig
@@ -42,12 +49,19 @@ def _apply(cfg, rules, params, ids, expert_mask, routing: bool):
     return logits, None
 
 
+def token_scores(cfg: ModelConfig, rules, params, batch, expert_mask=None,
+                 routing: bool = False):
+  """(per-token cross-entropy [B, T] fp32, logits, routed [L, B, T, E] or None)."""
+  logits, routed = _apply(cfg, rules, params, batch["input_ids"], expert_mask, routing)
+  ce, _ = token_losses(logits, batch["targets"])
+  return ce, logits, routed
+
+
 def make_loss_fn(cfg: ModelConfig, rules, routing: bool = True):
   E = max(cfg.num_experts, 1)
 
   def fn(params, batch, expert_mask=None):
-    logits, routed = _apply(cfg, rules, params, batch["input_ids"], expert_mask, routing)
-    ce, _ = token_losses(logits, batch["targets"])
+    ce, _, routed = token_scores(cfg, rules, params, batch, expert_mask, routing)
     mask = batch["loss_mask"].astype(jnp.float32)
     counts = (jnp.einsum("lbte,bt->le", routed.astype(jnp.float32), mask)
               if routed is not None else jnp.zeros((cfg.n_layers, E), jnp.float32))
@@ -58,14 +72,41 @@ def make_loss_fn(cfg: ModelConfig, rules, routing: bool = True):
 
 def make_score_fn(cfg: ModelConfig, rules):
   def fn(params, batch, expert_mask=None):
-    logits, _ = _apply(cfg, rules, params, batch["input_ids"], expert_mask, False)
-    ce, _ = token_losses(logits, batch["targets"])
+    ce, logits, _ = token_scores(cfg, rules, params, batch, expert_mask)
     mask = batch["loss_mask"] > 0
     loglik = jnp.sum(jnp.where(mask, -ce, 0.0), axis=1)
     greedy = jnp.all(~mask | (jnp.argmax(logits, axis=-1) == batch["targets"]), axis=1)
     return {"loglik": loglik, "greedy": greedy}
 
   return fn
+
+
+def make_logprob_fn(cfg: ModelConfig, rules):
+  def fn(params, batch, expert_mask=None):
+    ce, _, _ = token_scores(cfg, rules, params, batch, expert_mask)
+    return -ce
+
+  return fn
+
+
+def global_batch(local: dict, shardings: dict | None = None) -> dict:
+  """A process's rows of a global batch -> global arrays (`shardings`: one per batch key;
+  None on one process: plain device arrays)."""
+  if shardings is None:
+    return {k: jnp.asarray(local[k]) for k in BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
+          for k in BATCH_KEYS}
+
+
+def mean_loss(step, params, batches, expert_mask=None, shardings=None) -> float:
+  """Token-weighted mean loss of a loss step over batches (exact over a split: every token
+  counted once, in float64 on the host)."""
+  total = count = 0.0
+  for local in batches:
+    r = jax.device_get(step(params, global_batch(local, shardings), expert_mask))
+    total += float(r["loss_sum"])
+    count += float(r["tokens"])
+  return total / count if count else float("nan")
 
 
 def batch_shardings(mesh, rules, batch: int, seq_len: int) -> dict:

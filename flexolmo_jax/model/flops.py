@@ -24,17 +24,3 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
   """The MFU convention: forward + backward = 3x forward, whatever is frozen."""
   return 3.0 * forward_flops(cfg, batch, seq_len)
 
-
-# Peak dense bf16 FLOP/s per chip (FLEXOLMO.md section 7; NVIDIA datasheets, dense).
-PEAK_FLOPS = {
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6e": 918e12, "TPU v6 lite": 918e12,
-    "TPU v5e": 197e12, "TPU v5 lite": 197e12, "TPU v4": 275e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12,
-}
-
-
-def peak_flops_for(device_kind: str) -> float | None:
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in device_kind.lower():
-      return peak
-  return None

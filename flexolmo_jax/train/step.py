@@ -48,18 +48,3 @@ def make_step_fn(cfg, partition, tx, schedule, tc, rules):
     return new_state, metrics
 
   return step
-
-
-def make_eval_fn(cfg, rules):
-  """Summed token loss and token count of a batch (for exact perplexity over a split)."""
-  model = FlexOlmo(cfg)
-
-  def fn(params, batch, expert_mask=None):
-    from flexolmo_jax.train.losses import token_losses
-    with nn.logical_axis_rules(rules):
-      logits, _, _ = model.apply({"params": params}, batch["input_ids"], expert_mask=expert_mask)
-    ce, _ = token_losses(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
-
-  return fn

@@ -22,7 +22,8 @@ from flexolmo_jax import config_base
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.data import make_eval_loader, make_train_loader
 from flexolmo_jax.model import abstract_params, param_logical_axes
-from flexolmo_jax.model.flops import peak_flops_for, train_flops
+from flexolmo_jax.model.flops import train_flops
+from flexolmo_jax.parallel.chips import peak_flops_for
 from flexolmo_jax.parallel import (activation_sharding, fit_spec, logical_shardings, make_mesh,
                                    rules_from_config)
 from flexolmo_jax.storage import checkpoints as ckpt
@@ -30,9 +31,10 @@ from flexolmo_jax.train.init import fingerprint, initial_params
 from flexolmo_jax.train.metrics import MetricWriter
 from flexolmo_jax.train.optim import make_optimizer
 from flexolmo_jax.train.partition import flatten, make_partition, sliced_shape
-from flexolmo_jax.train.step import init_state, make_eval_fn, make_step_fn
+from flexolmo_jax.evaluate import steps as eval_steps
+from flexolmo_jax.train.step import init_state, make_step_fn
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask")
+BATCH_KEYS = eval_steps.BATCH_KEYS
 EXIT_PREEMPTED = 143
 
 
@@ -91,27 +93,17 @@ def _peak_flops(tc):
   return peak_flops_for(jax.devices()[0].device_kind)
 
 
-def _global_batch(local, shardings):
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
-          for k in BATCH_KEYS}
-
-
 def evaluate(params, cfg, rules, config, mesh, batch_sh, expert_mask=None) -> dict[str, float]:
   """Mean token loss on each `config.eval.sources` validation split (exact over the split)."""
   results = {}
   if not config.eval.sources:
     return results
-  fn = jax.jit(make_eval_fn(cfg, rules))
+  fn = jax.jit(eval_steps.make_loss_fn(cfg, rules, routing=False))
   for name, path in config.eval.sources.items():
     loader = make_eval_loader(data_path(config, path), data_path(config, config.data.tokenizer),
                               int(config.train.seq_len),
                               int(config.eval.global_batch_size))
-    total = count = 0.0
-    for local in loader:
-      s, n = fn(params, _global_batch(local, batch_sh), expert_mask)
-      total += float(s)
-      count += float(n)
-    results[name] = total / max(count, 1.0)
+    results[name] = eval_steps.mean_loss(fn, params, loader, expert_mask, batch_sh)
   return results
 
 
@@ -259,7 +251,7 @@ def train(config, workdir, devices=None) -> dict:
     t0, last_logged, last_metrics = time.perf_counter(), start, {}
     try:
       for step in range(start, int(tc.steps)):
-        batch = _global_batch(next(batches), batch_sh)
+        batch = eval_steps.global_batch(next(batches), batch_sh)
         state, metrics = step_fn(state, frozen, batch)
         done = step + 1
         log_now = done % int(tc.log_every) == 0 or done == int(tc.steps)
