@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 import tensorflow_datasets as tfds
 
-from flexolmo_jax.data import build_flexmix_mini as cli
+from flexolmo_jax.data.flexmix_mini import cli
 from flexolmo_jax.data import (DataError, load_tokenizer, make_train_loader, sample_documents,
                                tokenizer_info)
 from flexolmo_jax.data.flexmix_mini import build, math_problems
