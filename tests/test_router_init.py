@@ -48,3 +48,48 @@ def test_sentence_embedder_cli(public_model, tmp_path):
 def test_unknown_embedder_is_a_clear_error(public_model):
   with pytest.raises(EmbedderError, match="neither a directory nor an installed package"):
     domain_embedding(str(public_model["data"] / "math"), "no-such-embedder", samples=2)
+
+
+def test_self_embedding_batches_by_length_bucket_and_matches_one_by_one(public_model):
+  """Bucketed, batched hidden-state means equal running each document alone, unpadded, and
+  the forward pass compiles once per bucket, not once per document length."""
+  import jax
+  import jax.numpy as jnp
+  from flexolmo_jax.data import load_tokenizer, sample_documents
+  from flexolmo_jax.data.domain_embedding import length_buckets, self_embedding
+  from flexolmo_jax.model import FlexOlmo
+  from flexolmo_jax.storage import model_io
+
+  data, model_dir = public_model["data"], str(public_model["dir"])
+  L = 256
+  docs = sample_documents(str(data / "math"), 12, 0) + sample_documents(str(data / "code"), 2, 0)
+  tok = load_tokenizer(str(data / "tokenizer.json"))
+  lengths = {len(tok.encode(d).ids[:L]) for d in docs}
+  assert len(lengths) > len(length_buckets(L))  # more distinct lengths than buckets
+
+  shapes = []
+  real_jit = jax.jit
+  def counting_jit(fn, **kw):
+    compiled = real_jit(fn, **kw)
+    def call(p, ids):
+      shapes.append(tuple(ids.shape))
+      return compiled(p, ids)
+    return call
+  jax.jit = counting_jit
+  try:
+    got = self_embedding(docs, model_dir, str(data / "tokenizer.json"), max_len=L, batch_size=4)
+  finally:
+    jax.jit = real_jit
+  assert len(set(shapes)) <= len(length_buckets(L))
+
+  cfg = model_io.read_config(model_dir)
+  params = model_io.load_params(model_dir, cfg)
+  model = FlexOlmo(cfg)
+  means = []
+  for d in docs:
+    ids = tok.encode(d).ids[:L] or [cfg.eos_token_id]
+    h = model.apply({"params": params}, jnp.asarray([ids], jnp.int32), return_hidden=True)
+    means.append(np.asarray(h[0], np.float64).mean(axis=0))
+  want = np.mean(means, axis=0)
+  want = want / np.linalg.norm(want)
+  np.testing.assert_allclose(got, want, atol=1e-5)

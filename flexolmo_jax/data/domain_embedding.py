@@ -44,9 +44,24 @@ def sentence_embedding(docs: list[str], embedder: str, batch_size: int = 32) -> 
   return np.asarray(vecs, np.float64).mean(axis=0).astype(np.float32)
 
 
+def length_buckets(max_len: int, smallest: int = 16) -> list[int]:
+  """Padded lengths documents are batched at: powers of two up to max_len (and max_len)."""
+  out, n = [], smallest
+  while n < max_len:
+    out.append(n)
+    n *= 2
+  return out + [max_len]
+
+
 def self_embedding(docs: list[str], model_dir: str, tokenizer_path: str, max_len: int = 512,
                    batch_size: int = 8) -> np.ndarray:
-  """Mean (over documents) of the mean final hidden state (before the final norm), unit norm."""
+  """Mean (over documents) of the mean final hidden state (before the final norm), unit norm.
+
+  Documents are right-padded to a few bucket lengths and run `batch_size` at a time, so the
+  forward pass compiles once per bucket (at most ~6 shapes) instead of once per document
+  length. The model is causal, so padding after a document never changes its hidden states;
+  each document's mean is taken over its own tokens only.
+  """
   import jax
   import jax.numpy as jnp
   from flexolmo_jax.storage import model_io
@@ -58,12 +73,21 @@ def self_embedding(docs: list[str], model_dir: str, tokenizer_path: str, max_len
   tok = load_tokenizer(tokenizer_path)
   model = FlexOlmo(cfg)
   hidden = jax.jit(lambda p, ids: model.apply({"params": p}, ids, return_hidden=True))
-  means = []
-  for i in range(0, len(docs), batch_size):
-    for doc in docs[i:i + batch_size]:
-      ids = tok.encode(doc).ids[:max_len] or [cfg.eos_token_id]
-      h = hidden(params, jnp.asarray([ids], jnp.int32))
-      means.append(np.asarray(h[0], np.float64).mean(axis=0))
+  encoded = [tok.encode(doc).ids[:max_len] or [cfg.eos_token_id] for doc in docs]
+  buckets = length_buckets(max_len)
+  by_bucket: dict[int, list[int]] = {}
+  for i, ids in enumerate(encoded):
+    by_bucket.setdefault(next(b for b in buckets if b >= len(ids)), []).append(i)
+  means = [None] * len(encoded)
+  for width, members in sorted(by_bucket.items()):
+    for start in range(0, len(members), batch_size):
+      rows = members[start:start + batch_size]
+      ids = np.full((batch_size, width), cfg.pad_token_id, np.int32)  # fixed batch: one shape
+      for r, i in enumerate(rows):
+        ids[r, :len(encoded[i])] = encoded[i]
+      h = np.asarray(hidden(params, jnp.asarray(ids)), np.float64)
+      for r, i in enumerate(rows):
+        means[i] = h[r, :len(encoded[i])].mean(axis=0)
   mean = np.mean(means, axis=0)
   # Unit norm, like the sentence embedders' outputs: router logits h . r then start at the
   # scale of the residual stream instead of |h| * |mean hidden| (which blows up the z-loss).

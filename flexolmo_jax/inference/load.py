@@ -73,6 +73,12 @@ def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
   exclude: expert names to opt out of (unknown names raise UnknownExpertError).
   overrides: ModelConfig fields that do not change parameter shapes, e.g. dtype="float32"
   (compute precision) or dispatch="capacity".
+
+  Compute precision: the model computes in the dtype of its saved config, which is bfloat16
+  (bf16 matmul operands, fp32 accumulation, norms and softmax in fp32) unless it was trained
+  or imported with another, *even when the weights are stored in float32*. transformers
+  computes in the weights' dtype instead, so to compare logits with an fp32 transformers model
+  pass dtype="float32"; expect ~1e-2 differences otherwise.
   """
   from flexolmo_jax.storage import model_io
   from flexolmo_jax.model.expert_mask import UnknownExpertError
