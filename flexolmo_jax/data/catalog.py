@@ -25,7 +25,7 @@ def resolve_dataset_dir(path: str) -> str:
   for depth in (1, 2):  # NAME/VERSION below a data dir, or VERSION below a name dir
     pattern = [path] + ["*"] * depth + [_INFO]
     found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(*pattern))
-            if "/." not in p[len(path):])  # ignore .partial staging dirs
+                   if "/." not in p[len(path):])  # ignore .partial staging dirs
     if found:
       break
   if len(found) != 1:

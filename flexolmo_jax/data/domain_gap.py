@@ -51,7 +51,7 @@ class BigramModel:
 
 
 def cross_entropy_matrix(train: dict[str, np.ndarray], evaluation: dict[str, np.ndarray],
-             vocab_size: int) -> dict[str, dict[str, float]]:
+                         vocab_size: int) -> dict[str, dict[str, float]]:
   """matrix[model_domain][eval_domain] in nats/token."""
   out = {}
   for name, tokens in train.items():

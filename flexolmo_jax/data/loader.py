@@ -59,20 +59,20 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(f"global batch size {global_batch_size} must be a positive multiple of "
-            f"the process count {process_count}")
+                    f"the process count {process_count}")
   return global_batch_size // process_count
 
 
 def _parse_sources(sources: SourceSpec | Sequence[SourceSpec]) -> list[tuple[str, float]]:
   if isinstance(sources, str) or (isinstance(sources, tuple) and len(sources) == 2
-                  and isinstance(sources[1], (int, float))):
+                                  and isinstance(sources[1], (int, float))):
     sources = [sources]
   parsed = []
   for spec in sources:
     path, weight = (spec, 1.0) if isinstance(spec, str) else (str(spec[0]), float(spec[1]))
     if not (weight > 0 and math.isfinite(weight)):
       raise DataError(f"mixture weight must be a positive number, got {weight}",
-              location=path)
+                      location=path)
     parsed.append((path, weight))
   if not parsed:
     raise DataError("no data sources given")
@@ -94,9 +94,9 @@ class TrainLoader:
   """
 
   def __init__(self, sources: list[SourceInfo], dataset: grain.MapDataset, *,
-         global_batch_size: int, local_batch_size: int, seq_len: int, seed: int,
-         process_index: int, process_count: int, start_step: int,
-         read_options: grain.ReadOptions):
+               global_batch_size: int, local_batch_size: int, seq_len: int, seed: int,
+               process_index: int, process_count: int, start_step: int,
+               read_options: grain.ReadOptions):
     self.sources = sources
     self.dataset = dataset  # grain MapDataset: element k = this process's batch at step k
     self.global_batch_size = global_batch_size
@@ -124,17 +124,17 @@ class TrainLoader:
     for s in self.sources:
       rows_per_step = s.weight * self.global_batch_size
       out.append({"dataset": s.dataset, "weight": s.weight, "rows": s.packed.num_rows,
-            "tokens": s.packed.num_tokens,
-            "steps_per_epoch": s.packed.num_rows / rows_per_step})
+                  "tokens": s.packed.num_tokens,
+                  "steps_per_epoch": s.packed.num_rows / rows_per_step})
     return {"global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
-        "tokens_per_step": self.global_batch_size * self.seq_len, "sources": out}
+            "tokens_per_step": self.global_batch_size * self.seq_len, "sources": out}
 
 
 def make_train_loader(sources: SourceSpec | Sequence[SourceSpec], tokenizer_path: str,
-           seq_len: int, global_batch_size: int, seed: int,
-           process_index: int | None = None, process_count: int | None = None,
-           split: str = "train", start_step: int = 0, *, num_threads: int = 2,
-           prefetch: int = 8, cache_dir: str | None = None) -> TrainLoader:
+                      seq_len: int, global_batch_size: int, seed: int,
+                      process_index: int | None = None, process_count: int | None = None,
+                      split: str = "train", start_step: int = 0, *, num_threads: int = 2,
+                      prefetch: int = 8, cache_dir: str | None = None) -> TrainLoader:
   """Training batches mixed from ``sources`` = [(dataset_dir, weight), ...] (see module doc).
 
   Datasets are tokenized and packed on first use (cached next to each dataset). Weights are
@@ -156,13 +156,13 @@ def make_train_loader(sources: SourceSpec | Sequence[SourceSpec], tokenizer_path
     rows = grain.MapDataset.source(PackedRows(packed))
     streams.append(rows.shuffle(seed=_shuffle_seed(seed, i)).repeat())
   mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(
-    streams, [w for _, w in parsed])
+      streams, [w for _, w in parsed])
   mine = mixed.batch(local, drop_remainder=True)[process_index::process_count]
   return TrainLoader(
-    infos, mine, global_batch_size=global_batch_size, local_batch_size=local,
-    seq_len=seq_len, seed=seed, process_index=process_index, process_count=process_count,
-    start_step=start_step,
-    read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+      infos, mine, global_batch_size=global_batch_size, local_batch_size=local,
+      seq_len=seq_len, seed=seed, process_index=process_index, process_count=process_count,
+      start_step=start_step,
+      read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
 
 class _PaddedRows:
@@ -173,7 +173,7 @@ class _PaddedRows:
     self._length = length
     pad = np.full(rows.packed.seq_len, rows.packed.pad_id, np.int32)
     self._pad = {"input_ids": pad, "targets": pad,
-           "loss_mask": np.zeros(rows.packed.seq_len, np.float32)}
+                 "loss_mask": np.zeros(rows.packed.seq_len, np.float32)}
 
   def __len__(self) -> int:
     return self._length
@@ -190,7 +190,7 @@ class EvalLoader:
   """
 
   def __init__(self, packed: PackedSplit, dataset: grain.MapDataset, num_batches: int,
-         read_options: grain.ReadOptions):
+               read_options: grain.ReadOptions):
     self.packed = packed
     self.dataset = dataset
     self.num_batches = num_batches
@@ -206,9 +206,9 @@ class EvalLoader:
 
 
 def make_eval_loader(dataset: str, tokenizer_path: str, seq_len: int, global_batch_size: int,
-           process_index: int | None = None, process_count: int | None = None,
-           split: str = "validation", *, num_threads: int = 2, prefetch: int = 8,
-           cache_dir: str | None = None) -> EvalLoader:
+                     process_index: int | None = None, process_count: int | None = None,
+                     split: str = "validation", *, num_threads: int = 2, prefetch: int = 8,
+                     cache_dir: str | None = None) -> EvalLoader:
   """Finite evaluation batches of one dataset's ``split`` (same dict layout as training)."""
   process_index, process_count = _process_defaults(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
@@ -217,4 +217,4 @@ def make_eval_loader(dataset: str, tokenizer_path: str, seq_len: int, global_bat
   padded = _PaddedRows(PackedRows(packed), num_batches * global_batch_size)
   ds = grain.MapDataset.source(padded).batch(local)[process_index::process_count]
   return EvalLoader(packed, ds, num_batches,
-           grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+                    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

@@ -38,7 +38,7 @@ _ENCODE_BATCH = 256
 
 
 def pack_token_documents(docs: Iterable[Sequence[int]], seq_len: int, eos_id: int,
-             pad_id: int) -> Iterator[tuple[np.ndarray, int]]:
+                         pad_id: int) -> Iterator[tuple[np.ndarray, int]]:
   """Yields (row int32[seq_len + 1], number of valid targets in the row)."""
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -68,9 +68,9 @@ def row_to_example(row: np.ndarray, n_valid: int) -> dict[str, np.ndarray]:
   """The model-facing view of one packed row."""
   seq_len = len(row) - 1
   return {
-    "input_ids": row[:-1],
-    "targets": row[1:],
-    "loss_mask": (np.arange(seq_len) < n_valid).astype(np.float32),
+      "input_ids": row[:-1],
+      "targets": row[1:],
+      "loss_mask": (np.arange(seq_len) < n_valid).astype(np.float32),
   }
 
 
@@ -92,7 +92,7 @@ class PackedSplit:
 
 def _cache_key(content: str, tok_sha: str, seq_len: int, split: str) -> str:
   blob = json.dumps({"format": PACK_FORMAT, "content": content, "tokenizer": tok_sha,
-            "seq_len": seq_len, "split": split}, sort_keys=True)
+                     "seq_len": seq_len, "split": split}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -104,13 +104,13 @@ def _load_meta(directory: str) -> PackedSplit:
 
 
 def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
-         cache_dir: str | None = None) -> PackedSplit:
+                 cache_dir: str | None = None) -> PackedSplit:
   """The packed rows of ``split``, tokenizing and writing them on first use."""
   ds_dir = catalog.resolve_dataset_dir(dataset)
   builder = catalog.open_builder(ds_dir)
   if split not in builder.info.splits:
     raise DataError(f"no split {split!r} (has: {', '.join(builder.info.splits)})",
-            location=ds_dir)
+                    location=ds_dir)
   tok = tokenizer_info(tokenizer_path)
   content = catalog.split_fingerprint(builder, split)
   key = _cache_key(content, tok.sha256, seq_len, split)
@@ -146,10 +146,10 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
       last_valid = n_valid
     writer.close()
     meta = {"format": PACK_FORMAT, "dataset": builder.info.name, "split": split,
-        "seq_len": seq_len,
-        "num_rows": n_rows, "num_tokens": n_tokens, "num_documents": len(source),
-        "last_row_valid": last_valid, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-        "tokenizer_sha256": tok.sha256, "content_sha256": content}
+            "seq_len": seq_len,
+            "num_rows": n_rows, "num_tokens": n_tokens, "num_documents": len(source),
+            "last_row_valid": last_valid, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "tokenizer_sha256": tok.sha256, "content_sha256": content}
     with open(os.path.join(tmp, META_FILE), "w") as fh:
       json.dump(meta, fh, indent=1)
     try:

@@ -23,8 +23,8 @@ from flexolmo_jax.data.errors import DataError
 _LINE_FORMATS = (".jsonl", ".ndjson", ".txt")
 _COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 SUPPORTED_SUFFIXES = tuple(
-  [*_LINE_FORMATS, ".parquet"]
-  + [fmt + comp for fmt in _LINE_FORMATS for comp in _COMPRESSIONS]
+    [*_LINE_FORMATS, ".parquet"]
+    + [fmt + comp for fmt in _LINE_FORMATS for comp in _COMPRESSIONS]
 )
 _MAX_EXAMPLES = 20  # skip locations kept verbatim in the statistics
 _CHUNK = 1 << 20
@@ -75,8 +75,8 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
       found = [f for f in found if f is not None]
       if not found:
         raise DataError(
-          f"pattern matched no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
-          location=spec)
+            f"pattern matched no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
+            location=spec)
     elif not os.path.exists(spec):
       raise DataError("no such file or directory", location=spec)
     elif os.path.isdir(spec):
@@ -89,14 +89,14 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
             found.append(f)
       if not found:
         raise DataError(
-          f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
-          location=spec)
+            f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
+            location=spec)
     else:
       f = classify(spec)
       if f is None:
         raise DataError(
-          f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})",
-          location=spec)
+            f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})",
+            location=spec)
       found = [f]
     for f in found:
       key = os.path.realpath(f.path)
@@ -119,7 +119,7 @@ class SkipLog:
   def skip(self, reason: str, location: str, detail: str = "") -> None:
     if self.strict:
       raise DataError(f"{reason}{': ' + detail if detail else ''} (strict mode)",
-              location=location)
+                      location=location)
     self.counts[reason] += 1
     if len(self.examples) < _MAX_EXAMPLES:
       self.examples.append({"reason": reason, "location": location, "detail": detail})
@@ -142,7 +142,7 @@ def _iter_zst_chunks(path: str) -> Iterator[bytes]:
     import zstandard
   except ImportError as e:  # optional dependency: say how to get it
     raise DataError("reading .zst needs the 'zstandard' package (pip install zstandard)",
-            location=path) from e
+                    location=path) from e
   dobj = zstandard.ZstdDecompressor().decompressobj()
   in_frame = False
   with open(path, "rb") as fh:
@@ -198,9 +198,9 @@ def _iter_lines(f: InputFile) -> Iterator[bytes]:
 def _stream_failed(f: InputFile, line: int, e: BaseException) -> DataError:
   cause = e.__cause__ or e
   return DataError(
-    f"compressed stream is truncated or corrupt after line {line} "
-    f"({type(cause).__name__}: {cause}); the file must be re-copied",
-    location=f.path)
+      f"compressed stream is truncated or corrupt after line {line} "
+      f"({type(cause).__name__}: {cause}); the file must be re-copied",
+      location=f.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,11 +284,11 @@ def _read_parquet(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Docum
   if text_field not in schema.names:
     # A missing column is the same mistake on every row: stop instead of skipping them all.
     raise DataError(f"no column {text_field!r} (columns: {', '.join(schema.names)})",
-            location=f.path)
+                    location=f.path)
   col_type = schema.field(text_field).type
   if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
     raise DataError(f"column {text_field!r} has type {col_type}, expected string",
-            location=f.path)
+                    location=f.path)
   if pf.metadata.num_rows == 0:
     log.skip("empty_file", f.path)
     return
@@ -309,7 +309,7 @@ def _read_parquet(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Docum
 
 
 def iter_documents(files: Iterable[InputFile], text_field: str,
-          log: SkipLog) -> Iterator[Document]:
+                   log: SkipLog) -> Iterator[Document]:
   """All documents of ``files`` in order; skips go to ``log``; fatal problems raise."""
   for f in files:
     if os.path.getsize(f.path) == 0:

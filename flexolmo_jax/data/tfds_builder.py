@@ -32,7 +32,7 @@ class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   code_path = None
 
   def __init__(self, *, split_examples: Mapping[str, Callable[[], Iterator[dict[str, str]]]],
-         description: str, metadata: dict[str, Any], **kwargs):
+               description: str, metadata: dict[str, Any], **kwargs):
     self._split_examples = split_examples
     self._description = description
     self._metadata = metadata
@@ -40,20 +40,20 @@ class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-      builder=self,
-      description=self._description,
-      features=tfds.features.FeaturesDict(
-        {"text": tfds.features.Text(), "source": tfds.features.Text()}),
-      # Keep input order: the split is already decided by a content hash, and the
-      # packed token stream is shuffled later at row level.
-      disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(self._metadata),
+        builder=self,
+        description=self._description,
+        features=tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "source": tfds.features.Text()}),
+        # Keep input order: the split is already decided by a content hash, and the
+        # packed token stream is shuffled later at row level.
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(self._metadata),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager
     return {split: self._enumerate(split, make)
-        for split, make in self._split_examples.items()}
+            for split, make in self._split_examples.items()}
 
   def _generate_examples(self):  # required abstract method; splits come from _enumerate
     raise NotImplementedError
@@ -71,12 +71,12 @@ class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       n_bytes += len(data)
       yield i, example
     self.info.metadata.setdefault("splits", {})[split] = {
-      "documents": n_docs, "bytes": n_bytes, "sha256": digest.hexdigest()}
+        "documents": n_docs, "bytes": n_bytes, "sha256": digest.hexdigest()}
 
 
 def write_documents_dataset(name: str, data_dir: str,
-              split_examples: Mapping[str, Callable[[], Iterator[dict[str, str]]]],
-              description: str, metadata: dict[str, Any]) -> str:
+                            split_examples: Mapping[str, Callable[[], Iterator[dict[str, str]]]],
+                            description: str, metadata: dict[str, Any]) -> str:
   """Writes DATA_DIR/NAME/VERSION in array_record format and returns that directory.
 
   ``metadata`` (JSON-serialisable) is stored as ``metadata.json`` and read back as
@@ -85,9 +85,9 @@ def write_documents_dataset(name: str, data_dir: str,
   # The builder's dataset name is a class attribute; a throw-away subclass per name keeps
   # tfds's global registry untouched.
   cls = types.new_class(f"Documents_{name}", (_DocumentsBuilder,), {"skip_registration": True},
-             lambda ns: ns.update(name=name, __module__=__name__))
+                        lambda ns: ns.update(name=name, __module__=__name__))
   builder = cls(split_examples=split_examples, description=description, metadata=metadata,
-         data_dir=data_dir, file_format="array_record")
+                data_dir=data_dir, file_format="array_record")
   tfds.disable_progress_bar()
   # tfds prints "Downloading and preparing dataset..." on stdout; nothing is downloaded, and
   # stdout belongs to the CLI's JSON summary.

@@ -72,13 +72,13 @@ def tokenizer_info(path: str) -> TokenizerInfo:
   eos = _find(tok, _EOS_CANDIDATES)
   if eos is None:
     raise DataError(f"no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})",
-            location=path)
+                    location=path)
   pad = _find(tok, _PAD_CANDIDATES)
   vocab = tok.get_vocab_size(with_added_tokens=True)
   return TokenizerInfo(
-    path=os.path.abspath(path), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
-    eos_id=eos, pad_id=eos if pad is None else pad,
-    sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
+      path=os.path.abspath(path), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
+      eos_id=eos, pad_id=eos if pad is None else pad,
+      sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
 
 
 def padded_vocab_size(path: str) -> int:
@@ -103,8 +103,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) ->
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+      vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer)
   tmp = f"{out_path}.tmp-{os.getpid()}"
   tok.save(tmp)

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 Doc = tuple[str, str]  # (text, source id)
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-       # generated tables and vendored wheels, not representative prose or code
-       "encodings", "pydoc_data", "ensurepip", "lib2to3", "turtledemo"}
+              # generated tables and vendored wheels, not representative prose or code
+              "encodings", "pydoc_data", "ensurepip", "lib2to3", "turtledemo"}
 # Long modules / licence bundles are cut into documents of about this many bytes (at top-level
 # statements / paragraphs), so the hash split has enough units to give a usable validation set.
 _CHUNK = 8_000
@@ -42,9 +42,9 @@ def _stdlib_modules() -> list[str]:
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS
-               and not d.startswith((".", "config-")))
+                         and not d.startswith((".", "config-")))
     found += [os.path.relpath(os.path.join(dirpath, f), root)
-         for f in filenames if f.endswith(".py")]
+              for f in filenames if f.endswith(".py")]
   return _stable_order(found)
 
 
@@ -94,7 +94,7 @@ def public_docs(budget: int) -> list[Doc]:
     from pydoc_data import topics  # data module: a dict of reference-manual sections
 
     yield from ((topics.topics[k], f"pydoc_data.topics:{k}")
-          for k in _stable_order(list(topics.topics)))
+                for k in _stable_order(list(topics.topics)))
     for rel in _stdlib_modules():
       if _half(rel) == 0 and (text := _docstrings(rel)):
         yield text, f"docstrings:{rel}"
@@ -131,7 +131,7 @@ _LICENSE_EXT = ("", ".txt", ".md", ".rst")
 
 def _licence_files() -> list[str]:
   roots = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-          | {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))})
+                 | {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))})
   found = [os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")]
   for root in roots:
     if not os.path.isdir(root):

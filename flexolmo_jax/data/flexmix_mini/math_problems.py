@@ -13,11 +13,11 @@ from collections.abc import Callable
 from fractions import Fraction
 
 _NAMES = ["Ada", "Ben", "Chen", "Dara", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jae", "Kofi",
-     "Lena", "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma",
-     "Viktor", "Wen", "Yusuf", "Zoe"]
+          "Lena", "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma",
+          "Viktor", "Wen", "Yusuf", "Zoe"]
 _ITEMS = [("notebook", "notebooks"), ("pencil", "pencils"), ("apple", "apples"),
-     ("ticket", "tickets"), ("book", "books"), ("mug", "mugs"), ("plant", "plants"),
-     ("candle", "candles"), ("card", "cards"), ("towel", "towels")]
+          ("ticket", "tickets"), ("book", "books"), ("mug", "mugs"), ("plant", "plants"),
+          ("candle", "candles"), ("card", "cards"), ("towel", "towels")]
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -55,13 +55,13 @@ def arithmetic(r: random.Random) -> str:
   s1 = _OPS[op1](a, prod)
   s2 = _OPS[op2](s1, d)
   return (f"Problem: Evaluate {expr}.\n"
-      f"Solution:\n"
-      f"1. Multiplication and division come first: {b} * {c} = {prod} and "
-      f"{div} / {q} = {d}.\n"
-      f"2. The expression becomes {a} {op1} {prod} {op2} {d}.\n"
-      f"3. Left to right: {a} {op1} {prod} = {s1}.\n"
-      f"4. Then {s1} {op2} {d} = {s2}.\n"
-      f"Answer: {s2}\n")
+          f"Solution:\n"
+          f"1. Multiplication and division come first: {b} * {c} = {prod} and "
+          f"{div} / {q} = {d}.\n"
+          f"2. The expression becomes {a} {op1} {prod} {op2} {d}.\n"
+          f"3. Left to right: {a} {op1} {prod} = {s1}.\n"
+          f"4. Then {s1} {op2} {d} = {s2}.\n"
+          f"Answer: {s2}\n")
 
 
 def linear_equation(r: random.Random) -> str:
@@ -71,12 +71,12 @@ def linear_equation(r: random.Random) -> str:
   c = a * x + b
   move = f"Subtract {b} from" if b >= 0 else f"Add {-b} to"
   return (f"Problem: Solve for x: {_coef(a, 'x')} {'+' if b >= 0 else '-'} {abs(b)} = {c}.\n"
-      f"Solution:\n"
-      f"1. {move} both sides: {a}x = {c - b}.\n"
-      f"2. Divide both sides by {a}: x = {c - b} / {_p(a)} = {x}.\n"
-      f"3. Check: {a} * {_p(x)} {'+' if b >= 0 else '-'} {abs(b)} = {a * x} "
-      f"{'+' if b >= 0 else '-'} {abs(b)} = {c}.\n"
-      f"Answer: x = {x}\n")
+          f"Solution:\n"
+          f"1. {move} both sides: {a}x = {c - b}.\n"
+          f"2. Divide both sides by {a}: x = {c - b} / {_p(a)} = {x}.\n"
+          f"3. Check: {a} * {_p(x)} {'+' if b >= 0 else '-'} {abs(b)} = {a * x} "
+          f"{'+' if b >= 0 else '-'} {abs(b)} = {c}.\n"
+          f"Answer: x = {x}\n")
 
 
 def shopping(r: random.Random) -> str:
@@ -87,14 +87,14 @@ def shopping(r: random.Random) -> str:
   total = n1 * c1 + n2 * c2
   paid = (total // 1000 + 1) * 1000 + r.choice([0, 1000, 2000])
   return (f"Problem: {name} buys {n1} {p1} at {_money(c1)} each and {n2} {p2} at "
-      f"{_money(c2)} each, and pays with {_money(paid)}. How much change does "
-      f"{name} get?\n"
-      f"Solution:\n"
-      f"1. The {p1} cost {n1} * {_money(c1)} = {_money(n1 * c1)}.\n"
-      f"2. The {p2} cost {n2} * {_money(c2)} = {_money(n2 * c2)}.\n"
-      f"3. The total is {_money(n1 * c1)} + {_money(n2 * c2)} = {_money(total)}.\n"
-      f"4. The change is {_money(paid)} - {_money(total)} = {_money(paid - total)}.\n"
-      f"Answer: {_money(paid - total)}\n")
+          f"{_money(c2)} each, and pays with {_money(paid)}. How much change does "
+          f"{name} get?\n"
+          f"Solution:\n"
+          f"1. The {p1} cost {n1} * {_money(c1)} = {_money(n1 * c1)}.\n"
+          f"2. The {p2} cost {n2} * {_money(c2)} = {_money(n2 * c2)}.\n"
+          f"3. The total is {_money(n1 * c1)} + {_money(n2 * c2)} = {_money(total)}.\n"
+          f"4. The change is {_money(paid)} - {_money(total)} = {_money(paid - total)}.\n"
+          f"Answer: {_money(paid - total)}\n")
 
 
 def percentage(r: random.Random) -> str:
@@ -104,11 +104,11 @@ def percentage(r: random.Random) -> str:
   new = price - off
   item = r.choice(_ITEMS)[0]
   return (f"Problem: A {item} costs ${price}. It is discounted by {pct}%. What is the sale "
-      f"price?\n"
-      f"Solution:\n"
-      f"1. {pct}% of ${price} is {pct}/100 * {price} = ${float(off):.2f}.\n"
-      f"2. The sale price is ${price} - ${float(off):.2f} = ${float(new):.2f}.\n"
-      f"Answer: ${float(new):.2f}\n")
+          f"price?\n"
+          f"Solution:\n"
+          f"1. {pct}% of ${price} is {pct}/100 * {price} = ${float(off):.2f}.\n"
+          f"2. The sale price is ${price} - ${float(off):.2f} = ${float(new):.2f}.\n"
+          f"Answer: ${float(new):.2f}\n")
 
 
 def fractions_sum(r: random.Random) -> str:
@@ -118,14 +118,14 @@ def fractions_sum(r: random.Random) -> str:
   na, nb = a.numerator * (lcd // a.denominator), b.numerator * (lcd // b.denominator)
   total = a + b
   steps = (f"1. The least common denominator of {a.denominator} and {b.denominator} is "
-       f"{lcd}.\n"
-       f"2. Rewrite: {_frac(a)} = {na}/{lcd} and {_frac(b)} = {nb}/{lcd}.\n"
-       f"3. Add the numerators: {na} + {nb} = {na + nb}, giving {na + nb}/{lcd}.\n")
+           f"{lcd}.\n"
+           f"2. Rewrite: {_frac(a)} = {na}/{lcd} and {_frac(b)} = {nb}/{lcd}.\n"
+           f"3. Add the numerators: {na} + {nb} = {na + nb}, giving {na + nb}/{lcd}.\n")
   g = math.gcd(na + nb, lcd)
   steps += (f"4. Divide numerator and denominator by {g}: {_frac(total)}.\n" if g > 1
-       else "4. The fraction is already in lowest terms.\n")
+            else "4. The fraction is already in lowest terms.\n")
   return (f"Problem: Add {_frac(a)} and {_frac(b)}.\nSolution:\n{steps}"
-      f"Answer: {_frac(total)}\n")
+          f"Answer: {_frac(total)}\n")
 
 
 def gcd_euclid(r: random.Random) -> str:
@@ -140,8 +140,8 @@ def gcd_euclid(r: random.Random) -> str:
     lines.append(f"{k}. {x} = {q} * {y} + {rem}.")
     x, y, k = y, rem, k + 1
   return (f"Problem: Find the greatest common divisor of {a} and {b} using Euclid's "
-      f"algorithm.\nSolution:\n" + "\n".join(lines) +
-      f"\n{k}. The last non-zero remainder is {x}.\nAnswer: {x}\n")
+          f"algorithm.\nSolution:\n" + "\n".join(lines) +
+          f"\n{k}. The last non-zero remainder is {x}.\nAnswer: {x}\n")
 
 
 def travel(r: random.Random) -> str:
@@ -151,11 +151,11 @@ def travel(r: random.Random) -> str:
   hours = Fraction(halves, 2)
   name = r.choice(_NAMES)
   return (f"Problem: {name} drives at a constant {speed} km/h for {float(hours):g} hours. "
-      f"How far does {name} travel?\n"
-      f"Solution:\n"
-      f"1. Distance = speed * time.\n"
-      f"2. Distance = {speed} * {float(hours):g} = {float(dist):g} km.\n"
-      f"Answer: {float(dist):g} km\n")
+          f"How far does {name} travel?\n"
+          f"Solution:\n"
+          f"1. Distance = speed * time.\n"
+          f"2. Distance = {speed} * {float(hours):g} = {float(dist):g} km.\n"
+          f"Answer: {float(dist):g} km\n")
 
 
 def system_2x2(r: random.Random) -> str:
@@ -171,14 +171,14 @@ def system_2x2(r: random.Random) -> str:
   m1, m2 = b2, b1  # eliminate y: (eq1 * b2) - (eq2 * b1)
   ax, cx = a1 * m1 - a2 * m2, c1 * m1 - c2 * m2
   return (f"Problem: Solve the system {eq(a1, b1, c1)} and {eq(a2, b2, c2)}.\n"
-      f"Solution:\n"
-      f"1. Multiply the first equation by {m1} and the second by {m2}, then subtract to "
-      f"eliminate y: {ax}x = {cx}.\n"
-      f"2. So x = {cx} / {_p(ax)} = {x}.\n"
-      f"3. Substitute into the first equation: {a1} * {_p(x)}{_lin(0, b1, 'y')} = {c1}, "
-      f"so {_coef(b1, 'y')} = {c1 - a1 * x} and y = {y}.\n"
-      f"4. Check the second equation: {a2} * {_p(x)} + {_p(b2)} * {_p(y)} = {c2}.\n"
-      f"Answer: x = {x}, y = {y}\n")
+          f"Solution:\n"
+          f"1. Multiply the first equation by {m1} and the second by {m2}, then subtract to "
+          f"eliminate y: {ax}x = {cx}.\n"
+          f"2. So x = {cx} / {_p(ax)} = {x}.\n"
+          f"3. Substitute into the first equation: {a1} * {_p(x)}{_lin(0, b1, 'y')} = {c1}, "
+          f"so {_coef(b1, 'y')} = {c1 - a1 * x} and y = {y}.\n"
+          f"4. Check the second equation: {a2} * {_p(x)} + {_p(b2)} * {_p(y)} = {c2}.\n"
+          f"Answer: x = {x}, y = {y}\n")
 
 
 def arithmetic_sequence(r: random.Random) -> str:
@@ -186,20 +186,20 @@ def arithmetic_sequence(r: random.Random) -> str:
   an = a1 + (n - 1) * d
   total = n * (a1 + an) // 2  # n * (2*a1 + (n-1)*d) is always even
   return (f"Problem: An arithmetic sequence starts at {a1} with common difference {d}. Find "
-      f"term {n} and the sum of the first {n} terms.\n"
-      f"Solution:\n"
-      f"1. Term n is a1 + (n - 1) * d = {a1} + {n - 1} * {_p(d)} = {an}.\n"
-      f"2. The sum is n * (a1 + an) / 2 = {n} * ({a1} + {an}) / 2 = {total}.\n"
-      f"Answer: term {n} = {an}, sum = {total}\n")
+          f"term {n} and the sum of the first {n} terms.\n"
+          f"Solution:\n"
+          f"1. Term n is a1 + (n - 1) * d = {a1} + {n - 1} * {_p(d)} = {an}.\n"
+          f"2. The sum is n * (a1 + an) / 2 = {n} * ({a1} + {an}) / 2 = {total}.\n"
+          f"Answer: term {n} = {an}, sum = {total}\n")
 
 
 def rectangle(r: random.Random) -> str:
   w, h = r.randint(2, 40), r.randint(2, 40)
   return (f"Problem: A rectangle is {w} m wide and {h} m long. Find its perimeter and area.\n"
-      f"Solution:\n"
-      f"1. Perimeter = 2 * ({w} + {h}) = 2 * {w + h} = {2 * (w + h)} m.\n"
-      f"2. Area = {w} * {h} = {w * h} square metres.\n"
-      f"Answer: perimeter {2 * (w + h)} m, area {w * h} m^2\n")
+          f"Solution:\n"
+          f"1. Perimeter = 2 * ({w} + {h}) = 2 * {w + h} = {2 * (w + h)} m.\n"
+          f"2. Area = {w} * {h} = {w * h} square metres.\n"
+          f"Answer: perimeter {2 * (w + h)} m, area {w * h} m^2\n")
 
 
 def prime_factors(r: random.Random) -> str:
@@ -216,7 +216,7 @@ def prime_factors(r: random.Random) -> str:
       k += 1
     p += 1
   return (f"Problem: Write {n} as a product of primes.\nSolution:\n" + "\n".join(lines) +
-      f"\nAnswer: {n} = {' * '.join(map(str, factors))}\n")
+          f"\nAnswer: {n} = {' * '.join(map(str, factors))}\n")
 
 
 def mean(r: random.Random) -> str:
@@ -226,11 +226,11 @@ def mean(r: random.Random) -> str:
   avg = Fraction(s, k)
   shown = _frac(avg) if avg.denominator == 1 else f"{s}/{k} = {float(avg):.2f}"
   return (f"Problem: {r.choice(_NAMES)} scored {', '.join(map(str, xs))} on {k} tests. What "
-      f"is the mean score?\n"
-      f"Solution:\n"
-      f"1. Add the scores: {' + '.join(map(str, xs))} = {s}.\n"
-      f"2. Divide by the number of tests: {shown}.\n"
-      f"Answer: {_frac(avg) if avg.denominator == 1 else f'{float(avg):.2f}'}\n")
+          f"is the mean score?\n"
+          f"Solution:\n"
+          f"1. Add the scores: {' + '.join(map(str, xs))} = {s}.\n"
+          f"2. Divide by the number of tests: {shown}.\n"
+          f"Answer: {_frac(avg) if avg.denominator == 1 else f'{float(avg):.2f}'}\n")
 
 
 def quadratic(r: random.Random) -> str:
@@ -245,16 +245,16 @@ def quadratic(r: random.Random) -> str:
 
   roots = sorted({p, q})
   return (f"Problem: Solve x^2{term(b, 'x')}{term(c, '')} = 0.\n"
-      f"Solution:\n"
-      f"1. The roots r and s satisfy r * s = {c} and r + s = {-b}; they are {p} and {q}.\n"
-      f"2. Factor: {factor(p)}{factor(q)} = 0.\n"
-      f"3. Set each factor to zero: x = {p} or x = {q}.\n"
-      f"Answer: x = {' or x = '.join(map(str, roots))}\n")
+          f"Solution:\n"
+          f"1. The roots r and s satisfy r * s = {c} and r + s = {-b}; they are {p} and {q}.\n"
+          f"2. Factor: {factor(p)}{factor(q)} = 0.\n"
+          f"3. Set each factor to zero: x = {p} or x = {q}.\n"
+          f"Answer: x = {' or x = '.join(map(str, roots))}\n")
 
 
 GENERATORS: list[Callable[[random.Random], str]] = [
-  arithmetic, linear_equation, shopping, percentage, fractions_sum, gcd_euclid, travel,
-  system_2x2, arithmetic_sequence, rectangle, prime_factors, mean, quadratic]
+    arithmetic, linear_equation, shopping, percentage, fractions_sum, gcd_euclid, travel,
+    system_2x2, arithmetic_sequence, rectangle, prime_factors, mean, quadratic]
 
 
 def math_docs(budget: int, seed: int = 0) -> list[tuple[str, str]]:
