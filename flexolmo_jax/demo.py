@@ -1,5 +1,5 @@
 """`python -m flexolmo_jax.demo`; the code is in flexolmo_jax/experiments/demo.py."""
-from flexolmo_jax.experiments.demo import main  # noqa: F401
+from flexolmo_jax.experiments.demo import main
 
 if __name__ == "__main__":
   main()

@@ -1,7 +1,5 @@
 """`python -m flexolmo_jax.inspect`; the code is in flexolmo_jax/model/inspect.py."""
-from absl import app
-
-from flexolmo_jax.model.inspect import main  # noqa: F401
+from flexolmo_jax.model.inspect import main
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

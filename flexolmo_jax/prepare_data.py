@@ -1,7 +1,5 @@
 """`python -m flexolmo_jax.prepare_data`; the code is in flexolmo_jax/data/prepare_data.py."""
-import sys
-
-from flexolmo_jax.data.prepare_data import main  # noqa: F401
+from flexolmo_jax.data.prepare_data import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -1,7 +1,5 @@
-"""`python -m flexolmo_jax.proxy_data`; the code is in flexolmo_jax/data/proxy_data.py."""
-import sys
-
-from flexolmo_jax.data.proxy_data import main  # noqa: F401
+"""`python -m flexolmo_jax.proxy_data`; the code is in flexolmo_jax/data/proxy_data_cli.py."""
+from flexolmo_jax.data.proxy_data_cli import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -38,7 +38,7 @@ def test_layout_and_plain_tfds(mini):
     assert tokenizer_info(os.path.join(mini, "tokenizer.json")).padded_vocab_size == 1024
     readme = open(os.path.join(mini, "README.md")).read()
     assert all(f"| {name} |" in readme for name in stats["domains"])
-    assert not [f for f in os.listdir(os.path.dirname(mini)) if ".partial-" in f]
+    assert not [f for f in os.listdir(os.path.dirname(mini)) if ".partial" in f]
 
 
 def test_tokenizer_round_trip_on_every_document(mini):

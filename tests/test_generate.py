@@ -10,6 +10,7 @@ import pytest
 
 from eval_utils import save_model, tiny_moe_config
 from flexolmo_jax.inference import generate as gen
+from flexolmo_jax.inference import generate_cli as gen_cli
 from flexolmo_jax.model import FlexOlmo, expert_mask
 from model_utils import random_params, tiny_config
 
@@ -96,17 +97,17 @@ def test_cli_per_example_exclusions(flexmix_tiny, tmp_path, capsys):
   prompts.write_text(json.dumps({"prompt": "def add(a, b):", "exclude": ["math"]}) + "\n"
                      + json.dumps({"prompt": "The court"}) + "\n")
   out = tmp_path / "gen.jsonl"
-  rc = gen.main([f"--ckpt={tmp_path / 'm'}", f"--tokenizer={tok}", f"--prompts_file={prompts}",
+  rc = gen_cli.main([f"--ckpt={tmp_path / 'm'}", f"--tokenizer={tok}", f"--prompts_file={prompts}",
                  "--prompt=x = 1", "--exclude=code", "--max_new_tokens=5", f"--out={out}"])
   assert rc == 0
   recs = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r["exclude"] for r in recs] == [["code"], ["math"], ["code"]]
   assert all(1 <= len(r["tokens"]) <= 5 for r in recs)
   assert "def add(a, b):" in capsys.readouterr().out
-  assert gen.main([f"--ckpt={tmp_path / 'm'}", f"--tokenizer={tok}", "--prompt=hi",
+  assert gen_cli.main([f"--ckpt={tmp_path / 'm'}", f"--tokenizer={tok}", "--prompt=hi",
                    "--exclude=news"]) == 1
   assert "unknown expert name 'news'" in capsys.readouterr().err
-  assert gen.main([f"--ckpt={tmp_path / 'm'}", "--prompt=hi"]) == 1
+  assert gen_cli.main([f"--ckpt={tmp_path / 'm'}", "--prompt=hi"]) == 1
   assert "no tokenizer" in capsys.readouterr().err
 
 

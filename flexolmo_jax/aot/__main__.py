@@ -1,4 +1,4 @@
-"""Plan a training or evaluation step on a TPU topology, from a CPU machine.
+r"""Plan a training or evaluation step on a TPU topology, from a CPU machine.
 
   python -m flexolmo_jax.aot --config=configs/flexolmo_2x7b.py:math --topology=v5p:4x4x4 \
       --mode=train --per_device_batch=2
@@ -14,28 +14,32 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
-                                          lock_config=False)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v6e:4x4.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step to compile.")
-_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: config.train.seq_len).")
-_BATCH = flags.DEFINE_integer("global_batch_size", None, "Global batch (sequences).")
+                                          lock_config=False, flag_values=FLAGS)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v6e:4x4.", flag_values=FLAGS)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step to compile.", flag_values=FLAGS)
+_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: config.train.seq_len).", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("global_batch_size", None, "Global batch (sequences).", flag_values=FLAGS)
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", None,
-                                   "Sequences per chip (global batch = this x chips).")
+                                   "Sequences per chip (global batch = this x chips).", flag_values=FLAGS)
 _HBM = flags.DEFINE_float("hbm_gb", None, "Plan against this much HBM per chip (GB) instead "
-                          "of the chip's capacity (e.g. to keep headroom).")
+                          "of the chip's capacity (e.g. to keep headroom).", flag_values=FLAGS)
 _EXTRAPOLATE = flags.DEFINE_bool("extrapolate", True, "Count FLOPs of every layer (compiles "
-                                 "two small unrolled variants); off: the loop body once.")
+                                 "two small unrolled variants); off: the loop body once.", flag_values=FLAGS)
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Multislice: this many copies of the topology "
                                "(the mesh's data axis must be a multiple; collectives are "
-                               "costed at ICI speed, so DCN time is underestimated).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the summary JSON here.")
+                               "costed at ICI speed, so DCN time is underestimated).", flag_values=FLAGS)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the summary JSON here.", flag_values=FLAGS)
 
 
-def main(argv):
+def _main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -59,5 +63,9 @@ def main(argv):
   sys.exit(0 if result["fits"] else 1)
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

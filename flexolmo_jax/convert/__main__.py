@@ -1,4 +1,4 @@
-"""CLI: HuggingFace transformers <-> model directories, streaming and atomic.
+r"""CLI: HuggingFace transformers <-> model directories, streaming and atomic.
 
   python -m flexolmo_jax.convert to_hf --ckpt=DIR --out=HF_DIR [--exclude=NAME,...]
       [--dtype=bfloat16|float32] [--drop-bias] [--max-shard-size=2GiB] [--tokenizer=PATH]
@@ -8,43 +8,50 @@ torch is never needed: safetensors are read and written directly.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from absl import app, flags
 
-def parse(argv):
-  p = argparse.ArgumentParser(prog="python -m flexolmo_jax.convert",
-                              description="Convert between transformers folders and model dirs.")
-  sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("to_hf", help="model dir / training workdir / stitched model -> transformers")
-  t.add_argument("--ckpt", required=True)
-  t.add_argument("--out", required=True)
-  t.add_argument("--exclude", default="", help="comma-separated expert names to remove")
-  t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                 help="tensor dtype in the safetensors (auto: as stored)")
-  t.add_argument("--drop-bias", action="store_true",
-                 help="export a model trained with an active learned expert bias without it "
-                      "(transformers cannot represent it; logits will differ)")
-  t.add_argument("--max-shard-size", default="2GiB")
-  t.add_argument("--tokenizer", default=None,
-                 help="tokenizer.json or a folder of tokenizer files (default: the model's own)")
-  f = sub.add_parser("from_hf", help="transformers FlexOlmo / OLMo-2 folder -> model dir")
-  f.add_argument("--hf", required=True)
-  f.add_argument("--out", required=True)
-  f.add_argument("--param-dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
-                 help="storage dtype of the imported params (default: as in the HF files)")
-  f.add_argument("--dtype", default=None, help="compute dtype recorded in the config")
-  for s in (t, f):
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--no-progress", action="store_true")
-  return p.parse_args(argv)
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+COMMANDS = ("to_hf", "from_hf")
+_CKPT = flags.DEFINE_string("ckpt", None, "to_hf: model dir / training workdir / stitched model.",
+                            flag_values=FLAGS)
+_HF = flags.DEFINE_string("hf", None, "from_hf: transformers FlexOlmo / OLMo-2 folder.",
+                          flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output folder (written atomically).", flag_values=FLAGS)
+_EXCLUDE = flags.DEFINE_string("exclude", "", "to_hf: comma-separated expert names to remove.",
+                               flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16", "float16"],
+                           "to_hf: tensor dtype (default auto: as stored); from_hf: compute "
+                           "dtype recorded in the config.", flag_values=FLAGS)
+_DROP_BIAS = flags.DEFINE_bool("drop-bias", False, "to_hf: export a model with an active learned "
+                               "expert bias without it (logits will differ).", flag_values=FLAGS)
+_MAX_SHARD = flags.DEFINE_string("max-shard-size", "2GiB", "to_hf: safetensors shard size.",
+                                 flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "to_hf: tokenizer.json or a folder of "
+                                 "tokenizer files (default: the model's own).", flag_values=FLAGS)
+_PARAM_DTYPE = flags.DEFINE_enum("param-dtype", None, ["float32", "bfloat16", "float16"],
+                                 "from_hf: storage dtype of the params (default: as in the "
+                                 "files).", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=FLAGS)
+_WORKERS = flags.DEFINE_integer("workers", 2, "Reader/writer threads.", flag_values=FLAGS)
+_NO_PROGRESS = flags.DEFINE_bool("no-progress", False, "No progress bar.", flag_values=FLAGS)
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"expected one command, {' or '.join(COMMANDS)} (got {argv[1:]})")
+  command = argv[1]
+  need = ("ckpt", "out") if command == "to_hf" else ("hf", "out")
+  missing = [f"--{n}" for n in need if not FLAGS[n].value]
+  if missing:
+    raise app.UsageError(f"{command} needs {' and '.join(missing)}")
+  if command == "from_hf" and _DTYPE.value == "auto":
+    raise app.UsageError("from_hf --dtype: float32, bfloat16 or float16")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  args = parse(sys.argv[1:] if argv is None else argv)
   from flexolmo_jax.storage.param_store import tune_malloc
   tune_malloc()
   from flexolmo_jax.convert.hf_mapping import MappingError
@@ -56,24 +63,27 @@ def main(argv=None) -> int:
   from flexolmo_jax.storage.sources import SourceError
   refusals = (ConvertError, MappingError, SafetensorsError, UnknownExpertError, ModelDirError,
               StoreError, SourceError)
+  progress = not _NO_PROGRESS.value
   try:
-    if args.command == "to_hf":
+    if command == "to_hf":
       from flexolmo_jax.convert.to_hf import to_hf
-      out = to_hf(args.ckpt, args.out, exclude=[n for n in args.exclude.split(",") if n],
-                  dtype=args.dtype, drop_bias=args.drop_bias, max_shard_size=args.max_shard_size,
-                  tokenizer=args.tokenizer, overwrite=args.overwrite, workers=args.workers,
-                  progress=not args.no_progress)
+      out = to_hf(_CKPT.value, _OUT.value, exclude=cli.parse_names(_EXCLUDE.value),
+                  dtype=_DTYPE.value or "auto", drop_bias=_DROP_BIAS.value,
+                  max_shard_size=_MAX_SHARD.value, tokenizer=_TOKENIZER.value,
+                  overwrite=_OVERWRITE.value, workers=_WORKERS.value, progress=progress)
     else:
       from flexolmo_jax.convert.from_hf import from_hf
-      out = from_hf(args.hf, args.out, param_dtype=args.param_dtype, dtype=args.dtype,
-                    overwrite=args.overwrite, workers=args.workers,
-                    progress=not args.no_progress)
+      out = from_hf(_HF.value, _OUT.value, param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
+                    overwrite=_OVERWRITE.value, workers=_WORKERS.value, progress=progress)
   except refusals as e:
-    print(f"convert {args.command}: error: {e}", file=sys.stderr)
+    print(f"convert {command}: error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out}")
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -1,4 +1,4 @@
-"""Prepare one data owner's local files as a TFDS array_record dataset.
+r"""Prepare one data owner's local files as a TFDS array_record dataset.
 
     python -m flexolmo_jax.prepare_data --name=NAME --input=PATH_OR_GLOB [--input=...] \
         --out=DATA_DIR [--text-field=text] [--validation-fraction=0.05] \
@@ -9,64 +9,65 @@ Writes DATA_DIR/NAME/1.0.0 (open with tfds.builder_from_directory). Exit status 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 
-from flexolmo_jax.data import catalog, packing, prepare
-from flexolmo_jax.data.errors import DataError
+from absl import flags
+
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+_NAME = flags.DEFINE_string("name", None, "Dataset name (lower_snake_case).", flag_values=FLAGS)
+_INPUT = flags.DEFINE_multi_string(
+    "input", None, "File, directory or glob; repeatable (.jsonl/.ndjson/.txt[.gz|.zst], "
+    ".parquet).", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Data directory receiving NAME/1.0.0.", flag_values=FLAGS)
+_TEXT_FIELD = flags.DEFINE_string("text-field", "text", "JSON field / parquet column.",
+                                  flag_values=FLAGS)
+_VAL = flags.DEFINE_float("validation-fraction", 0.05, "Share of documents held out.",
+                          flag_values=FLAGS)
+_STRICT = flags.DEFINE_bool("strict", False, "Every skippable record (bad JSON, missing field, "
+                            "empty file...) is an error.", flag_values=FLAGS)
+_MAX_SKIPPED = flags.DEFINE_float("max-skipped-fraction", 0.5,
+                                  "Fail if more than this fraction of records is skipped.",
+                                  flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.",
+                               flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Also tokenize and pack now "
+                                 "(tokenizer.json path).", flag_values=FLAGS)
+_SEQ_LEN = flags.DEFINE_integer("seq-len", None, "Sequence length for --tokenizer.",
+                                flag_values=FLAGS)
+flags.mark_flags_as_required(["name", "input", "out"], flag_values=FLAGS)
+flags.register_multi_flags_validator(
+    ["tokenizer", "seq-len"], lambda d: (d["tokenizer"] is None) == (d["seq-len"] is None),
+    "--tokenizer and --seq-len go together", flag_values=FLAGS)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m flexolmo_jax.prepare_data",
-                description=__doc__.split("\n\n")[0])
-  p.add_argument("--name", required=True, help="dataset name (lower_snake_case)")
-  p.add_argument("--input", action="append", required=True, metavar="PATH_OR_GLOB",
-          help="file, directory or glob; repeatable. .jsonl/.ndjson[.gz|.zst], "
-            ".txt[.gz|.zst] (one document per file), .parquet")
-  p.add_argument("--out", required=True, metavar="DATA_DIR")
-  p.add_argument("--text-field", default="text", help="JSON field / parquet column")
-  p.add_argument("--validation-fraction", type=float, default=0.05)
-  p.add_argument("--strict", action="store_true",
-          help="treat every skippable record (bad JSON, invalid UTF-8, missing field, "
-            "empty file) as an error")
-  p.add_argument("--max-skipped-fraction", type=float, default=0.5,
-          help="fail if more than this fraction of records is skipped")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-  p.add_argument("--tokenizer", help="also tokenize and pack now (tokenizer.json path)")
-  p.add_argument("--seq-len", type=int, help="sequence length for --tokenizer")
-  args = p.parse_args(argv)
-  if (args.tokenizer is None) != (args.seq_len is None):
-    p.error("--tokenizer and --seq-len go together")
-  return args
-
-
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
+def _main(argv) -> int:
+  del argv
+  from flexolmo_jax.data import catalog, packing, prepare
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # tfds's "Downloading..." is noise here
-  try:
-    path = prepare.prepare_dataset(
-      args.name, args.input, args.out, text_field=args.text_field,
-      validation_fraction=args.validation_fraction, strict=args.strict,
-      max_skipped_fraction=args.max_skipped_fraction, overwrite=args.overwrite)
-    stats = catalog.dataset_stats(path)
-    if args.tokenizer:
-      for split in stats["num_examples"]:
-        packed = packing.packed_split(path, split, args.tokenizer, args.seq_len)
-        stats.setdefault("packed", {})[split] = {
+  path = prepare.prepare_dataset(
+      _NAME.value, _INPUT.value, _OUT.value, text_field=_TEXT_FIELD.value,
+      validation_fraction=_VAL.value, strict=_STRICT.value,
+      max_skipped_fraction=_MAX_SKIPPED.value, overwrite=_OVERWRITE.value)
+  stats = catalog.dataset_stats(path)
+  if _TOKENIZER.value:
+    for split in stats["num_examples"]:
+      packed = packing.packed_split(path, split, _TOKENIZER.value, _SEQ_LEN.value)
+      stats.setdefault("packed", {})[split] = {
           "rows": packed.num_rows, "tokens": packed.num_tokens}
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
   summary = {"dataset": path, "documents": stats["num_examples"],
-        "bytes": {s: v["bytes"] for s, v in stats["splits"].items()},
-        "skipped": stats["skipped"]["by_reason"], **({"packed": stats["packed"]}
-                               if "packed" in stats else {})}
+             "bytes": {s: v["bytes"] for s, v in stats["splits"].items()},
+             "skipped": stats["skipped"]["by_reason"],
+             **({"packed": stats["packed"]} if "packed" in stats else {})}
   print(json.dumps(summary))
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -1,4 +1,4 @@
-"""Proxy data for router tuning, sampled from an owner's model instead of read from its data.
+r"""Proxy data for router tuning, sampled from an owner's model instead of read from its data.
 
   python -m flexolmo_jax.proxy_data --model=EXPERT_DIR --name=proxy_math --out=DATA_DIR \
       --tokenizer=tokenizer.json [--samples=64 --max_new_tokens=128 --temperature=1.0 \
@@ -13,11 +13,9 @@ stage reads them like any other source. Samples are cut at EOS into documents.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 import tempfile
 
 import numpy as np
@@ -68,39 +66,3 @@ def write_dataset(docs: list[str], name: str, out_dir, validation_fraction: floa
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return prepare.prepare_dataset(name, [str(src)], str(out_dir),
                                    validation_fraction=validation_fraction, overwrite=True)
-
-
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m flexolmo_jax.proxy_data",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--model", required=True, help="the owner's exported 2-expert model dir")
-  ap.add_argument("--name", required=True, help="dataset name, e.g. proxy_math")
-  ap.add_argument("--out", required=True, help="data directory receiving NAME/1.0.0")
-  ap.add_argument("--tokenizer", required=True)
-  ap.add_argument("--samples", type=int, default=64)
-  ap.add_argument("--max_new_tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=1.0)
-  ap.add_argument("--top_p", type=float, default=0.95)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--exclude", default="public",
-                  help="experts opted out while sampling (default: the public expert)")
-  args = ap.parse_args(argv)
-  from flexolmo_jax.data.errors import DataError
-  from flexolmo_jax.storage.model_io import ModelDirError
-  from flexolmo_jax.cli import parse_names
-  from flexolmo_jax.storage.sources import resolve_model_dir
-  try:
-    model = resolve_model_dir(args.model)
-    docs = sample_documents(model, args.tokenizer, args.samples, args.max_new_tokens,
-                            args.temperature, args.top_p, args.seed,
-                            tuple(parse_names(args.exclude)))
-    path = write_dataset(docs, args.name, args.out)
-  except (ValueError, OSError, ModelDirError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps({"dataset": path, "documents": len(docs)}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -14,69 +14,69 @@ Exit status: 0 done, 1 bad input (unknown expert, missing files), 2 usage.
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from absl import flags
+
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+_CONFIG = cli.define_runtime_config(FLAGS)
+_CKPT = flags.DEFINE_string("ckpt", None, "Model directory or training workdir.", flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "'name=DATASET,...', one dataset, or a directory of them.",
+                            flag_values=FLAGS)
+_TASKS = flags.DEFINE_string("tasks", "", "Comma-separated multiple-choice JSONL files.",
+                             flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default DATA/tokenizer.json).",
+                                 flag_values=FLAGS)
+_EXCLUDE = flags.DEFINE_string("exclude", "", "Experts opted out, comma-separated.",
+                               flag_values=FLAGS)
+_MATRIX = flags.DEFINE_bool("opt-out-matrix", False, "Rows: all experts, each expert opted out, "
+                            "public only.", flag_values=FLAGS)
+flags.DEFINE_alias("opt_out_matrix", "opt-out-matrix", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output directory (results.json/.md, routing.png).",
+                           flag_values=FLAGS)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the model's).",
+                                flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch (sequences).", flag_values=FLAGS)
+_SPLIT = flags.DEFINE_string("split", "validation", "Dataset split.", flag_values=FLAGS)
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Batches per domain (quick looks).",
+                                    flag_values=FLAGS)
+_DISPATCH = flags.DEFINE_enum("dispatch", None, ["dense", "capacity", "dropless"],
+                              "Override the model's MoE dispatch.", flag_values=FLAGS)
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                 "Cast weights when loading (bfloat16 halves their memory).",
+                                 flag_values=FLAGS)
+_NO_ROUTING = flags.DEFINE_bool("no_routing", False, "Skip routing statistics.", flag_values=FLAGS)
+_DIST = cli.DistributedFlags(FLAGS)
+flags.mark_flags_as_required(["ckpt", "out"], flag_values=FLAGS)
+flags.register_multi_flags_validator(
+    ["exclude", "opt-out-matrix"], lambda d: not (d["exclude"] and d["opt-out-matrix"]),
+    "--exclude and --opt-out-matrix are exclusive", flag_values=FLAGS)
 
 
-def parse_args(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m flexolmo_jax.evaluate",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--ckpt", required=True)
-  ap.add_argument("--data", default=None)
-  ap.add_argument("--tasks", default="", help="comma-separated JSONL files")
-  ap.add_argument("--tokenizer", default=None)
-  group = ap.add_mutually_exclusive_group()
-  group.add_argument("--exclude", default="", help="experts opted out, comma-separated")
-  group.add_argument("--opt-out-matrix", "--opt_out_matrix", dest="opt_out_matrix",
-                     action="store_true",
-                     help="rows: all experts, each expert opted out, public only")
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--seq_len", type=int, default=None)
-  ap.add_argument("--batch_size", type=int, default=8, help="global batch (sequences)")
-  ap.add_argument("--split", default="validation")
-  ap.add_argument("--max_batches", type=int, default=None, help="per domain")
-  ap.add_argument("--mesh", default="fsdp=-1", help="e.g. data=2,fsdp=-1,tensor=1")
-  ap.add_argument("--dispatch", choices=("dense", "capacity", "dropless"), default=None,
-                  help="override the model's MoE dispatch")
-  ap.add_argument("--param_dtype", choices=("float32", "bfloat16"), default=None,
-                  help="cast weights when loading (bfloat16 halves their memory)")
-  ap.add_argument("--no_routing", action="store_true", help="skip routing statistics")
-  ap.add_argument("--coordinator_address", default=None)
-  ap.add_argument("--num_processes", type=int, default=None)
-  ap.add_argument("--process_id", type=int, default=None)
-  ap.add_argument("--distributed", choices=("auto", "on", "off"), default="auto")
-  ap.add_argument("--cpu_devices", type=int, default=None, help="CPU devices (testing)")
-  return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  from flexolmo_jax import cli
-  from flexolmo_jax.parallel.distributed import init_distributed
-  init_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                           args.distributed, args.cpu_devices)
+def _main(argv) -> int:
+  del argv
+  _DIST.init()
   import jax
-  from flexolmo_jax.data import DataError
   from flexolmo_jax.evaluate.report import markdown, write_all
   from flexolmo_jax.evaluate.run import EvalOptions, evaluate
-  from flexolmo_jax.storage.model_io import ModelDirError
-  try:
-    opts = EvalOptions(
-        ckpt=args.ckpt, data=args.data, tasks=cli.parse_names(args.tasks),
-        tokenizer=args.tokenizer, exclude=cli.parse_names(args.exclude),
-        opt_out_matrix=args.opt_out_matrix, seq_len=args.seq_len, batch_size=args.batch_size,
-        split=args.split, max_batches=args.max_batches, mesh=cli.parse_mesh(args.mesh),
-        dispatch=args.dispatch, param_dtype=args.param_dtype, routing=not args.no_routing)
-    results = evaluate(opts)
-  except (DataError, ModelDirError, ValueError) as e:  # UnknownExpertError is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  config = _CONFIG.value
+  opts = EvalOptions(
+      ckpt=_CKPT.value, data=_DATA.value, tasks=cli.parse_names(_TASKS.value),
+      tokenizer=_TOKENIZER.value, exclude=cli.parse_names(_EXCLUDE.value),
+      opt_out_matrix=_MATRIX.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
+      split=_SPLIT.value, max_batches=_MAX_BATCHES.value, mesh=config.mesh.to_dict(),
+      axis_rules=config.get("axis_rules"), dispatch=_DISPATCH.value,
+      param_dtype=_PARAM_DTYPE.value, routing=not _NO_ROUTING.value)
+  results = evaluate(opts)  # DataError, ModelDirError, ValueError: cli.run, exit 1
   if jax.process_index() == 0:
-    files = write_all(results, args.out)
+    files = write_all(results, _OUT.value)
     print(markdown(results))
     print("wrote " + ", ".join(files.values()))
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -14,6 +14,7 @@ from flexolmo_jax.data import load_tokenizer, tokenizer_info
 from flexolmo_jax.evaluate import multiple_choice, perplexity, steps
 from flexolmo_jax.evaluate.subsets import subsets_for
 from flexolmo_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
+from flexolmo_jax.parallel.sharding import rules_from_config
 
 
 @dataclasses.dataclass
@@ -28,7 +29,8 @@ class EvalOptions:
   batch_size: int = 8  # global
   split: str = "validation"
   max_batches: int | None = None  # per domain (quick looks)
-  mesh: dict | None = None
+  mesh: dict | None = None  # config.mesh (axis -> size)
+  axis_rules: Sequence | None = None  # config.axis_rules (default: DEFAULT_RULES)
   dispatch: str | None = None  # override the model's MoE dispatch (e.g. dropless)
   param_dtype: str | None = None  # e.g. bfloat16: cast weights on load (half the memory)
   routing: bool = True
@@ -38,7 +40,7 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
   """Returns the results dict that report.write_all writes (see the module docs)."""
   t0 = time.time()
   mesh = make_mesh(opts.mesh or {"fsdp": -1}, devices)
-  rules = DEFAULT_RULES
+  rules = rules_from_config(opts.axis_rules) if opts.axis_rules else DEFAULT_RULES
   path = resolve_model_dir(opts.ckpt)
   cfg = model_io.read_config(path)
   subsets = subsets_for(cfg, list(opts.exclude), opts.opt_out_matrix)  # check names first

@@ -21,7 +21,6 @@ demo resumes where it stopped:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,21 @@ import shutil
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where every stage writes.", flag_values=FLAGS)
+_SCALE = flags.DEFINE_enum("scale", "small", ["small", "tiny"], "Model and corpus size.",
+                           flag_values=FLAGS)
+_ROUTER_TUNING = flags.DEFINE_bool("router_tuning", True, "Tune the router on public data + "
+                                   "sampled proxies (step 6).", flag_values=FLAGS)
+flags.DEFINE_alias("router-tuning", "router_tuning", flag_values=FLAGS)
+# absl spells the negation --norouter_tuning; keep the documented --no-router-tuning too.
+_NO_ROUTER_TUNING = flags.DEFINE_bool("no-router-tuning", False, "Skip router tuning (step 6).",
+                                      flag_values=FLAGS)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
@@ -325,14 +339,10 @@ def _has_sentence_embedder() -> bool:
     return False
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", default="workdir/demo")
-  ap.add_argument("--scale", choices=("small", "tiny"), default="small")
-  ap.add_argument("--router-tuning", "--router_tuning", action=argparse.BooleanOptionalAction,
-                  default=True, help="tune the router on public data + sampled proxies (step 6)")
-  args = ap.parse_args(argv)
-  demo = Demo(pathlib.Path(args.workdir).absolute(), args.scale, args.router_tuning)
+def _main(argv) -> int:
+  del argv
+  tuning = _ROUTER_TUNING.value and not _NO_ROUTER_TUNING.value
+  demo = Demo(pathlib.Path(_WORKDIR.value).absolute(), _SCALE.value, tuning)
   demo.build_data()
   demo.train_public()
   demo.embeddings()
@@ -341,6 +351,11 @@ def main(argv=None):
   demo.tune_router()
   demo.evaluate()
   demo.report(demo.export_and_check())
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ batch serves users with different data permissions. --exclude applies to lines w
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from typing import Sequence
 
 import jax
@@ -167,99 +164,3 @@ def inference_dispatch(cfg: ModelConfig) -> str:
   if not cfg.is_moe:
     return cfg.dispatch
   return "dense" if jax.default_backend() == "cpu" else "dropless"
-
-
-# --- command line ------------------------------------------------------------------------
-
-def _read_prompts(args) -> list[dict]:
-  items = [{"prompt": p} for p in args.prompt or []]
-  if args.prompts_file:
-    with open(args.prompts_file) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        if args.prompts_file.endswith(".jsonl"):
-          try:
-            item = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({e})") from None
-          if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": "...", '
-                             f'"exclude": [...]}}')
-          items.append(item)
-        else:
-          items.append({"prompt": line.rstrip("\n")})
-  if not items:
-    raise ValueError("no prompts: pass --prompt and/or --prompts_file")
-  return items
-
-
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m flexolmo_jax.generate",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--ckpt", required=True)
-  ap.add_argument("--prompt", action="append", help="repeat for a batch")
-  ap.add_argument("--prompts_file", help=".jsonl ({prompt, exclude}) or one prompt per line")
-  ap.add_argument("--exclude", default="", help="experts opted out (examples without their own)")
-  ap.add_argument("--tokenizer", default=None, help="default: CKPT/tokenizer.json")
-  ap.add_argument("--max_new_tokens", type=int, default=64)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--no_stop", action="store_true", help="do not stop at EOS")
-  ap.add_argument("--dispatch", choices=("dense", "capacity", "dropless"), default=None)
-  ap.add_argument("--param_dtype", choices=("float32", "bfloat16"), default=None,
-                  help="cast weights when loading (bfloat16 halves their memory)")
-  ap.add_argument("--mesh", default="fsdp=-1", help="parameter sharding, e.g. fsdp=-1")
-  ap.add_argument("--out", default=None, help="write JSONL results here")
-  args = ap.parse_args(argv)
-
-  import os
-  from flexolmo_jax import cli
-  from flexolmo_jax.inference.load import load_model
-  from flexolmo_jax.storage.atomic import write_text_atomic
-  from flexolmo_jax.storage.sources import resolve_model_dir
-  from flexolmo_jax.data import DataError, load_tokenizer, tokenizer_info
-  from flexolmo_jax.model.expert_mask import UnknownExpertError
-  from flexolmo_jax.storage.model_io import ModelDirError, read_config
-  from flexolmo_jax.parallel import DEFAULT_RULES, make_mesh
-  try:
-    path = resolve_model_dir(args.ckpt)
-    tok_path = args.tokenizer or os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-      raise ValueError(f"no tokenizer: pass --tokenizer (looked for {tok_path})")
-    tokenizer, info = load_tokenizer(tok_path), tokenizer_info(tok_path)
-    items = _read_prompts(args)
-    default_exclude = cli.parse_names(args.exclude)
-    cfg = read_config(path)
-    excludes = [list(it.get("exclude", default_exclude)) for it in items]
-    for ex in excludes:  # unknown names fail before any weights are read
-      if cfg.is_moe:
-        expert_mask(cfg.names, ex)
-      elif ex:
-        raise UnknownExpertError(f"this is a dense model (no experts); cannot exclude {ex}")
-    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, not args.no_stop,
-                 vocab_limit=info.vocab_size)
-    mesh = make_mesh(cli.parse_mesh(args.mesh))
-    cfg, params = load_model(path, mesh, DEFAULT_RULES,
-                                     dispatch=args.dispatch or inference_dispatch(cfg),
-                                     param_dtype=args.param_dtype)
-    prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False).ids for it in items]
-    with jax.set_mesh(mesh):
-      outs = generate(params, cfg, prompts, s, excludes if cfg.is_moe else (), args.seed)
-  except (DataError, ModelDirError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  records = []
-  for it, ex, toks in zip(items, excludes, outs):
-    text = tokenizer.decode([t for t in toks if t != cfg.eos_token_id])
-    records.append({"prompt": it["prompt"], "exclude": ex, "completion": text, "tokens": toks})
-    print(f"--- [{', '.join('-' + e for e in ex) or 'all experts'}] {it['prompt']!r}")
-    print(it["prompt"] + text)
-  if args.out:
-    write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in records))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

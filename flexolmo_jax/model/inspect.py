@@ -14,12 +14,13 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from flexolmo_jax import config_base
+from flexolmo_jax import cli, config_base
 from flexolmo_jax.model import abstract_params, count_params, param_logical_axes
 
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "End with a one-line JSON summary.")
+                                          lock_config=True, flag_values=FLAGS)
+_JSON = flags.DEFINE_bool("json", False, "End with a one-line JSON summary.", flag_values=FLAGS)
 
 
 def param_table(cfg) -> list[dict]:
@@ -38,7 +39,7 @@ def param_table(cfg) -> list[dict]:
   return rows
 
 
-def main(argv):
+def _main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
@@ -64,5 +65,9 @@ def main(argv):
     print(json.dumps(summary))
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -1,4 +1,4 @@
-"""Train a FlexOlmo stage from a config file.
+r"""Train a FlexOlmo stage from a config file.
 
   python -m flexolmo_jax.train --config=configs/flexmix_mini.py:public --workdir=/tmp/pub
   python -m flexolmo_jax.train --config=configs/flexmix_mini.py:expert --workdir=/tmp/math \
@@ -10,47 +10,41 @@ pods jax.distributed initialises itself (--distributed=auto); elsewhere pass
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, export.")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (CPU/GPU).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (testing).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed.initialize(): auto = on TPU pods only.")
+                                          lock_config=True, flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, export.", flag_values=FLAGS)
+_DIST = cli.DistributedFlags(FLAGS)
 
 
-def init_distributed():
-  from flexolmo_jax.parallel.distributed import init_distributed
-  init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value,
-                           _LOCAL_DEVICES.value)
-
-
-def main(argv):
+def _main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines drown the progress bar
-  init_distributed()
+  _DIST.init()
   from flexolmo_jax.train.trainer import TrainingError, train
   from flexolmo_jax.train.init import InitError
   from flexolmo_jax.data import DataError
   try:
     summary = train(_CONFIG.value, _WORKDIR.value)
   except (TrainingError, InitError, DataError, ValueError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    logging.error("%s", e)  # also in the log file; cli.run prints it and exits 1
+    raise
   print(f"done: step {summary['step']}; export in {summary['workdir']}/export; "
         f"eval loss {summary['eval_loss']}")
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -8,41 +8,43 @@ DIR/README.md. See flexolmo_jax/data/flexmix_mini/build.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 
-from flexolmo_jax.data.errors import DataError
-from flexolmo_jax.data.flexmix_mini import build
+from absl import flags
+
+from flexolmo_jax import cli
+
+FLAGS = flags.FlagValues()
+_OUT = flags.DEFINE_string("out", None, "Output directory (default $FLEXOLMO_DATA_DIR/flexmix_mini "
+                           "or ~/.cache/flexolmo_jax/flexmix_mini).", flag_values=FLAGS)
+_SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies every domain's byte budget (tests use "
+                            "~0.03).", flag_values=FLAGS)
+_VOCAB = flags.DEFINE_integer("vocab-size", 8192, "Tokenizer vocabulary size.", flag_values=FLAGS)
+_SEQ_LEN = flags.DEFINE_integer("seq-len", 512, "Pre-pack rows for this length.",
+                                flag_values=FLAGS)
+_VAL = flags.DEFINE_float("validation-fraction", 0.1, "Share of documents held out.",
+                          flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the math generator.", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild an existing corpus.",
+                               flag_values=FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m flexolmo_jax.build_flexmix_mini",
-                description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", default=None, help=f"output directory (default {build.default_dir()})")
-  p.add_argument("--scale", type=float, default=1.0,
-          help="multiplies every domain's byte budget (tests use ~0.03)")
-  p.add_argument("--vocab-size", type=int, default=8192)
-  p.add_argument("--seq-len", type=int, default=512, help="pre-pack rows for this length")
-  p.add_argument("--validation-fraction", type=float, default=0.1)
-  p.add_argument("--seed", type=int, default=0, help="seed of the math generator")
-  p.add_argument("--overwrite", action="store_true")
-  args = p.parse_args(argv)
+def _main(argv) -> int:
+  del argv
+  from flexolmo_jax.data.flexmix_mini import build
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    stats = build.build_flexmix_mini(
-      args.out, scale=args.scale, vocab_size=args.vocab_size, seq_len=args.seq_len,
-      validation_fraction=args.validation_fraction, seed=args.seed,
-      overwrite=args.overwrite)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  stats = build.build_flexmix_mini(
+      _OUT.value, scale=_SCALE.value, vocab_size=_VOCAB.value, seq_len=_SEQ_LEN.value,
+      validation_fraction=_VAL.value, seed=_SEED.value, overwrite=_OVERWRITE.value)
   print(build.render_readme(stats))
   print(json.dumps({name: d["tokens"] for name, d in stats["domains"].items()}))
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, FLAGS, argv, __doc__)
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
