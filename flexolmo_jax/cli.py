@@ -28,7 +28,7 @@ without running: tests/test_cli.py checks every documented command that way.
 
 The mesh and axis rules always come from a config: `config.mesh` and `config.axis_rules`
 (config_base.base_config). Tools that load a model directory (its own config) take a runtime
-config (define_runtime_config): defaults in flexolmo_jax/runtime_config.py, so
+config (define_runtime_config): defaults in flexolmo_jax/parallel/mesh_config.py, so
 `--config.mesh.tensor=4` works without a file, and `--config=configs/X.py` takes X's mesh.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ KNOWN_ERRORS = frozenset({
     "InitError", "EmbedderError",
 })
 PARSE_ONLY_ENV = "FLEXOLMO_PARSE_ONLY"
-RUNTIME_CONFIG = str(pathlib.Path(__file__).with_name("runtime_config.py"))
+RUNTIME_CONFIG = str(pathlib.Path(__file__).parent / "parallel" / "mesh_config.py")
 _HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-?", "--helpxml")
 
 
@@ -132,6 +132,32 @@ def _parse_local(fv: flags.FlagValues, argv: list[str], prog: str) -> list[str] 
     sys.argv = saved
 
 
+def _flag_line(flag) -> str:
+  if flag.boolean:
+    name = f"--[no]{flag.name}"
+  elif flag.default is None or flag.default == []:
+    name = f"--{flag.name}"
+  else:
+    name = f"--{flag.name}={flag.default_as_str.strip(chr(39))}"
+  text = " ".join((flag.help or "").split())
+  return f"  {name:<32} {text}" if len(name) < 32 else f"  {name} {text}"
+
+
+def usage(fv: flags.FlagValues, doc: str | None) -> str:
+  """The command's docstring, then each of its flags on one line (`--help`); absl's own
+  multi-line listing, with absl's global flags too, stays available as --helpfull."""
+  seen, lines = set(), []
+  for name in sorted(fv):
+    flag = fv[name]
+    if flag.name != name or id(flag) in seen:
+      continue  # short names and aliases point at a flag listed under its own name
+    seen.add(id(flag))
+    lines.append(_flag_line(flag))
+  body = (doc or "").strip("\n")
+  return f"{body}\n\nflags:\n" + "\n".join(lines) + "\n  (--config.KEY=VALUE overrides " \
+      "any field of --config)" * any(fv[n].name == "config" for n in fv)
+
+
 def run(main: Callable, fv: flags.FlagValues, argv: list[str] | None = None,
         doc: str | None = None) -> int:
   """Parses the command's flags, then main(positional argv) with the error convention.
@@ -148,8 +174,12 @@ def run(main: Callable, fv: flags.FlagValues, argv: list[str] | None = None,
     if isinstance(rest, int):
       return rest
     return 0 if parse_only else _call(main, rest)
+  if any(a.split("=")[0] in ("--help", "-help", "-h", "--helpshort", "-?")
+         for a in sys.argv[1:]):
+    print(usage(fv, doc))
+    sys.exit(0)
   _adopt(fv)
-  if doc:  # absl's --help prints __main__'s docstring: the real module's, not the shim's
+  if doc:  # absl's --helpfull prints __main__'s docstring: the real module's, not the shim's
     sys.modules["__main__"].__doc__ = doc
 
   def wrapped(rest):
@@ -164,7 +194,7 @@ def run(main: Callable, fv: flags.FlagValues, argv: list[str] | None = None,
 
 
 def define_runtime_config(fv: flags.FlagValues) -> flags.FlagHolder:
-  """--config of a tool that loads a model directory: mesh + axis_rules (runtime_config.py
+  """--config of a tool that loads a model directory: mesh + axis_rules (parallel/mesh_config.py
   defaults, overridable as --config.mesh.fsdp=2), or any configs/X.py (its mesh is used)."""
   return config_flags.DEFINE_config_file(
       "config", RUNTIME_CONFIG, "Runtime config (mesh, axis_rules): configs/X.py[:arg] or the "

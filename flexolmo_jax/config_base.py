@@ -82,7 +82,9 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
     tc.update(lr=2e-3, warmup_steps=100, weight_decay=0.1)
   tc.update(train)
   config.train = ml_collections.ConfigDict(tc)
-  config.data = ml_collections.ConfigDict(dict(sources=[], tokenizer="", num_threads=2))
+  # root: relative source/tokenizer paths resolve against it (train.trainer.data_path);
+  # sources: (name, weight) pairs; a tuple so `--config.data.sources="[('math', 1.0)]"` works
+  config.data = ml_collections.ConfigDict(dict(root="", sources=(), tokenizer="", num_threads=2))
   config.init = ml_collections.ConfigDict(dict(params="", public="", public_embedding="",
                                                domain_embedding=""))
   config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
