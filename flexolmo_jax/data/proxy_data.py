@@ -1,15 +1,9 @@
-r"""Proxy data for router tuning, sampled from an owner's model instead of read from its data.
+"""Proxy data for router tuning, sampled from an owner's model instead of read from its data
+(the library; the command is `python -m flexolmo_jax.proxy_data`, data/proxy_data_cli.py).
 
-  python -m flexolmo_jax.proxy_data --model=EXPERT_DIR --name=proxy_math --out=DATA_DIR \
-      --tokenizer=tokenizer.json [--samples=64 --max_new_tokens=128 --temperature=1.0 \
-      --top_p=0.95 --seed=0]
-
-Router tuning (FLEXOLMO.md section 1.4) needs text that looks like each closed domain, but the
-coordinator never sees the owners' data. What it does hold is each owner's 2-expert model,
-which already left the owner to be stitched; sampling from it gives text in that domain's
-style without any document changing hands. Samples start from EOS (a document boundary in
-training) and are written as an ordinary prepared dataset DATA_DIR/NAME/1.0.0, so the router
-stage reads them like any other source. Samples are cut at EOS into documents.
+The coordinator never sees the owners' data, but it holds each owner's 2-expert model (it
+left the owner to be stitched): sampling from it gives text in that domain's style with no
+document changing hands.
 """
 from __future__ import annotations
 

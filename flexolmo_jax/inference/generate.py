@@ -1,15 +1,9 @@
-"""Batched text generation with a KV cache and a per-example expert mask.
+"""Batched generation with a KV cache and a per-example expert mask (the library; the command
+is `python -m flexolmo_jax.generate`, inference/generate_cli.py, whose docstring says more).
 
-  python -m flexolmo_jax.generate --ckpt=DIR --prompt="def add(a, b):" [--prompt=...]
-      [--prompts_file=F.jsonl] [--exclude=math,code] [--max_new_tokens=64]
-      [--temperature=0 --top_p=1.0 --seed=0] [--tokenizer=tokenizer.json] [--out=F.jsonl]
-
-Prompts are left-padded into one batch (padding slots are invisible to attention, positions
-start at 0 for every prompt), prefilled in one pass, then decoded one token per step inside a
-single compiled loop. temperature 0 is greedy; otherwise softmax(logits / temperature)
-restricted to the top-p nucleus. Each example has its own expert mask: a JSONL prompts file
-line {"prompt": "...", "exclude": ["math"]} opts that example out of the math expert, so one
-batch serves users with different data permissions. --exclude applies to lines without one.
+`generate(params, cfg, prompt_ids, Sampling(...), exclude=[[...], ...])`: left-padded prompts,
+one prefill pass, then one token per step inside a single compiled loop; greedy or
+temperature / top-p sampling; every example has its own expert mask.
 """
 from __future__ import annotations
 
