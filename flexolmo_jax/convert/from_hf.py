@@ -20,7 +20,8 @@ from flexolmo_jax.convert.safetensors_io import Reader, SafetensorsError
 from flexolmo_jax.convert.to_hf import (INDEX_FILE, TOKENIZER_FILES, ConvertError, np_dtype,
                                         ours_block_index, transpose)
 from flexolmo_jax.model.params import abstract_params
-from flexolmo_jax.storage.param_store import ParamWriter, ordered_map, staged_output, tree_leaves
+from flexolmo_jax.storage.atomic import staged_directory
+from flexolmo_jax.storage.param_store import ParamWriter, ordered_map, tree_leaves
 
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers' in-memory layout
 
@@ -112,11 +113,12 @@ def from_hf(hf_dir, out, *, param_dtype: str | None = None, dtype: str | None = 
 
   leaves = {p: (s, pdt) for p, (s, _) in tree_leaves(abstract_params(cfg)).items()}
   order = {r.path: i for i, r in enumerate(readers)}
+  position = {(r.path, k): i for r in readers for i, k in enumerate(r.keys())}
 
   def units():
-    # One shard file at a time, tensors in file order.
+    # One shard file at a time, tensors in the order the file lists them.
     ranked = sorted(plan, key=lambda p: (order[where[p[4]].path],
-                                         where[p[4]].entries[p[4]]["data_offsets"][0], p[3] or 0))
+                                         position[where[p[4]].path, p[4]], p[3] or 0))
     for key, m, l, e, file_key, fused in ranked:
       path, index = hf_mapping.param_location(cfg, m, l, e)
       if fused is None and not m.per_layer and m.path in (("embed_tokens",), ("lm_head",)):
@@ -146,13 +148,16 @@ def from_hf(hf_dir, out, *, param_dtype: str | None = None, dtype: str | None = 
     return piece.nbytes
 
   total = sum(r.dtype(k).itemsize * math.prod(r.shape(k)) for k, r in where.items())
-  with staged_output(out, overwrite, error=ConvertError) as tmp:
-    writer = ParamWriter(tmp / model_io.PARAMS_DIR, leaves, moe=cfg.is_moe)
+
+  def fill():  # runs inside orbax's save of the new params (ParamWriter.save)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="from_hf",
               disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
       for n in ordered_map(work, units(), workers):
         bar.update(n)
-    writer.finish()
+
+  with staged_directory(out, overwrite, error=ConvertError) as tmp:
+    writer = ParamWriter(tmp / model_io.PARAMS_DIR, leaves, moe=cfg.is_moe)
+    writer.save(fill)
     carried = [n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
     if carried:
       (tmp / model_io.TOKENIZER_DIR).mkdir()

@@ -1,8 +1,8 @@
 """Export a model directory / workdir / stitched model to a transformers folder, streaming.
 
-One HF tensor (or, for the embedding and lm_head, one block of rows) is read, mapped and written
-at a time, straight into its place in a safetensors shard whose header was written first: host
-memory is a few such pieces whatever the model size. Experts can be left out (--exclude): HF
+One HF tensor (or, for the embedding and lm_head, one block of rows) is read and mapped at a
+time; each safetensors shard is written with the `safetensors` library once its tensors are
+gathered, so host memory is one shard (--max-shard-size) plus a few pieces. Experts can be left out (--exclude): HF
 FlexOlmo has no run-time mask, so opt-out there means removing the expert's FFN and router row.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.convert import hf_mapping
-from flexolmo_jax.convert.safetensors_io import Writer
+from flexolmo_jax.convert.safetensors_io import save_shard
 from flexolmo_jax.model.expert_mask import UnknownExpertError
-from flexolmo_jax.storage.param_store import (CHUNK_BYTES, ParamReader, ordered_map, staged_output)
+from flexolmo_jax.storage.atomic import staged_directory
+from flexolmo_jax.storage.param_store import CHUNK_BYTES, ParamReader, ordered_map
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tokenizer (and generation) files carried between HF folders and model directories.
@@ -85,6 +86,16 @@ def ours_block_index(m: hf_mapping.TensorMap, index: tuple, block: slice | None)
   if block is None:
     return index
   return index + ((slice(None), block) if m.path == ("lm_head",) else (block,))
+
+
+def _gather(shard: dict, key: str, piece: np.ndarray, block: slice | None, shape) -> None:
+  """Put `piece` (a whole HF tensor, or rows `block` of it) into the shard being gathered."""
+  if block is None:
+    shard[key] = piece
+    return
+  if key not in shard:
+    shard[key] = np.empty(shape, piece.dtype)
+  shard[key][block] = piece
 
 
 def _find_tokenizer(model_dir: pathlib.Path, depth: int = 0) -> pathlib.Path | None:
@@ -226,28 +237,33 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
     if m.path == ("mlp", "router") and cfg.is_moe:
       arr = arr[keep]
     piece = transpose(arr) if m.to_hf is hf_mapping._t else m.to_hf(arr)
-    return si, key, path, piece.astype(dt, copy=False)
+    return si, key, path, block, piece.astype(dt, copy=False)
 
   total = sum(math.prod(e[4]) * e[5].itemsize for e in entries)
   weight_map = {}
-  with staged_output(out, overwrite, error=ConvertError) as tmp:
-    writers = {}
+  hf_shapes = {e[0]: tuple(e[4]) for e in entries}
+  with staged_directory(out, overwrite, error=ConvertError) as tmp:
+    shard, cur = {}, None  # the shard being gathered: {hf key: full tensor}
+
+    def flush():
+      if cur is not None:
+        save_shard(tmp / files[cur], shard)
+        shard.clear()
+
     last_path = None
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="to_hf",
               disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
-      for si, key, path, piece in ordered_map(work, units(), workers):
-        if si not in writers:  # shards are produced in order: close the previous one
-          for w in writers.values():
-            w.close()
-          writers = {si: Writer(tmp / files[si], [(k, s, d) for k, _, _, _, s, d in shards[si]])}
-        writers[si].write(key, piece)
+      for si, key, path, block, piece in ordered_map(work, units(), workers):
+        if si != cur:  # shards are produced in order: write the previous one
+          flush()
+          cur = si
+        _gather(shard, key, piece, block, hf_shapes[key])
         weight_map[key] = files[si]
         if last_path is not None and path != last_path:
           reader.release(last_path)
         last_path = path
         bar.update(piece.nbytes)
-    for w in writers.values():
-      w.close()
+    flush()
     dtype_name = str(entries[0][5]) if entries else "float32"
     (tmp / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

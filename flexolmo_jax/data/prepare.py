@@ -101,7 +101,7 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
     raise DataError(f"validation fraction must be in [0, 1), got {validation_fraction}")
   files = readers.resolve_inputs(inputs)
   target = os.path.join(os.path.abspath(out_dir), name, tfds_builder.VERSION)
-  atomic.check_target(target, overwrite)  # fail now, not after hours of work
+  atomic.check_target(target, overwrite, DataError)  # fail now, not after hours of work
 
   scan = _scan(files, text_field, validation_fraction, strict)
   skips: readers.SkipLog = scan["skips"]
@@ -151,9 +151,9 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
           "examples": [{**e, "location": show(e["location"])}
                  for e in skips.examples]},
   }
-  with atomic.staged_directory(target, overwrite) as stage:
+  with atomic.staged_directory(target, overwrite, error=DataError) as stage:
     built = tfds_builder.write_documents_dataset(
-      name, stage.root, {split: functools.partial(examples, split) for split in splits},
+      name, str(stage.root), {split: functools.partial(examples, split) for split in splits},
       description=description or f"{name}: documents prepared by flexolmo_jax",
       metadata=metadata)
     _verify(built, n_docs)

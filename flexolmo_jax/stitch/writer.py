@@ -6,6 +6,7 @@ other tensors must be bit-identical to it; workers read, compare and write, and 
 hashes the pieces in order. At most `workers + 1` chunks are in flight, so host memory is a few
 chunks whatever the number of experts or layers. Everything is written into `.OUT.partial` and
 renamed at the end: a refusal or a crash never leaves an output that looks finished.
+The params are a genuine orbax checkpoint: orbax runs the save, the stream fills its arrays.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from flexolmo_jax.storage import model_io
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.expert_mask import UnknownExpertError
 from flexolmo_jax.model.params import abstract_params
+from flexolmo_jax.storage.atomic import staged_directory
 from flexolmo_jax.storage.param_store import (EXPERT_LEAVES, ParamReader, ParamWriter, chunk_grid,
-                                      describe_index, lead_axes, leaf_name, ordered_map,
-                                      staged_output, tree_leaves)
+                                              describe_index, lead_axes, leaf_name, ordered_map,
+                                              tree_leaves)
 from flexolmo_jax.storage.sources import Source, resolve
 from flexolmo_jax.stitch.verify import (StitchError, bitwise_equal, check_configs, check_names,
                                         first_difference)
@@ -299,11 +301,12 @@ def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | N
 
   shared_order = [p for p in out_shapes if not _is_expert_leaf(p)]
   expert_order = [p for n in EXPERT_LEAVES for p in out_shapes if _is_expert_leaf(p) and p[-1] == n]
-  with staged_output(out, overwrite, error=StitchError) as tmp:
+  with staged_directory(out, overwrite, error=StitchError) as tmp:
     writer = ParamWriter(tmp / model_io.PARAMS_DIR, leaves, moe=True)
-    hashes = stream(writer, shared_order + expert_order, resolver, workers=_workers(workers),
-                    progress=progress, desc="stitch")
-    writer.finish()
+    # orbax saves the tree; `stream` fills it from inside that save (see ParamWriter.save).
+    hashes = writer.save(lambda: stream(writer, shared_order + expert_order, resolver,
+                                        workers=_workers(workers), progress=progress,
+                                        desc="stitch"))
     shared, slots = _hash_tables(hashes, E)
     records = [{"slot": 0, "name": "public", "source": pub.record(),
                 "router_row_from": exps[0].record()}]
@@ -366,11 +369,11 @@ def prune(model, drop: Sequence[str], out, *, overwrite: bool = False,
   old = json.loads((src.model_dir / model_io.MANIFEST_FILE).read_text()) \
       if (src.model_dir / model_io.MANIFEST_FILE).is_file() else {}
   old_records = {r.get("name"): r for r in old.get("experts", [])}
-  with staged_output(out, overwrite, error=StitchError) as tmp:
+  with staged_directory(out, overwrite, error=StitchError) as tmp:
     writer = ParamWriter(tmp / model_io.PARAMS_DIR, leaves, moe=True)
-    hashes = stream(writer, list(out_shapes), resolver, workers=_workers(workers),
-                    progress=progress, desc="prune")
-    writer.finish()
+    hashes = writer.save(lambda: stream(writer, list(out_shapes), resolver,
+                                        workers=_workers(workers), progress=progress,
+                                        desc="prune"))
     shared, slots = _hash_tables(hashes, len(keep))
     records = []
     for j, i in enumerate(keep):

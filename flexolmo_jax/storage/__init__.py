@@ -5,5 +5,5 @@ reader/writer the coordinator's tools use, path resolution and atomic writes.
   param_store   tensor-slice reader/writer for tools that must never hold a whole model
   checkpoints   training checkpoints (orbax CheckpointManager), preemption flag
   sources       a path (model directory or training workdir) -> the model directory to read
-  atomic        write to a temporary sibling, then rename
+  atomic        the one directory stager (.NAME.partial + lock + rename) and file writer
 """

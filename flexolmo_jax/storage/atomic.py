@@ -1,60 +1,102 @@
-"""Publish directories all at once, so an interrupted job never leaves something that looks done.
+"""Publish outputs all at once, so an interrupted job never leaves something that looks done.
 
-Everything is built in a hidden sibling directory (``.NAME.partial-XXXX``, same filesystem, so
-the final ``rename`` is atomic) and renamed onto the target only after the build succeeded. A
-crash removes the partial directory; a SIGKILL may leave it behind, but it is clearly named and
-nothing ever reads from it.
+One directory stager and one file writer, used by every tool that writes a model directory, a
+dataset, an HF folder or a report:
+
+  * `staged_directory`: build in `.NAME.partial` next to the target (same filesystem, so the
+    final rename is atomic), rename onto the target only when the body succeeded. The partial
+    name is fixed, so a run killed with SIGKILL leaves one clearly named leftover that the next
+    run removes; a lock file keeps two runs on one target apart.
+  * `write_text_atomic`: one file, written to a temporary sibling and renamed.
+
+Storage sits below data: the error class is passed in (data tools raise `DataError`), never
+imported from here.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
-import shutil
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Iterator
 
-from flexolmo_jax.data.errors import DataError
+
+class StagingError(ValueError):
+  """Default error of the stager (callers pass their own class: StitchError, DataError...)."""
 
 
 @dataclasses.dataclass
 class Stage:
-  root: str  # scratch directory; removed at the end
-  payload: str  # what gets renamed onto the target (default: root itself)
+  """The directory being built. Behaves as its path (`stage / "params"`, `os.fspath(stage)`).
+
+  payload: what gets renamed onto the target; by default the stage itself, or a directory
+  inside it (a tool that nests its output, e.g. tfds's NAME/VERSION, publishes that one).
+  """
+  root: pathlib.Path
+  payload: os.PathLike | str | None = None
+
+  def __fspath__(self) -> str:
+    return str(self.root)
+
+  def __truediv__(self, other) -> pathlib.Path:
+    return self.root / other
 
 
-def check_target(target: str, overwrite: bool) -> None:
+def check_target(target, overwrite: bool, error=StagingError) -> None:
   """Fail before any work if the result could not be published."""
   if os.path.exists(target) and not overwrite:
-    raise DataError("already exists; pass --overwrite to replace it", location=target)
+    raise error(f"{target} already exists (pass --overwrite to replace it)")
 
 
 @contextlib.contextmanager
-def staged_directory(target: str, overwrite: bool = False) -> Iterator[Stage]:
-  target = os.path.abspath(target)
-  check_target(target, overwrite)
-  parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  root = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
-  stage = Stage(root=root, payload=root)
-  try:
-    yield stage
-    _publish(stage.payload, target, overwrite)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+def staged_directory(target, overwrite: bool = False, error=StagingError,
+                     primary: bool = True) -> Iterator[Stage]:
+  """Yield a Stage at `.NAME.partial` next to `target`; publish it when the body succeeded.
+
+  error: exception class raised for refusals (exists, locked, appeared meanwhile).
+  primary: False on the non-primary processes of a multi-host save: they write into the same
+  stage (orbax coordinates them) but leave locking, cleanup and the rename to the primary.
+  """
+  target = pathlib.Path(target).absolute()
+  tmp = target.parent / f".{target.name}.partial"
+  if not primary:
+    yield Stage(tmp)
+    return
+  check_target(target, overwrite, error)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  lock_path = target.parent / f".{target.name}.lock"
+  with open(lock_path, "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      raise error(f"another process is writing {target} (lock {lock_path})") from e
+    if tmp.exists():
+      shutil.rmtree(tmp)  # left behind by an interrupted run
+    tmp.mkdir()
+    stage = Stage(tmp)
+    try:
+      yield stage
+      _publish(pathlib.Path(stage.payload or tmp), target, overwrite, error)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        lock_path.unlink()
 
 
-def _publish(src: str, target: str, overwrite: bool) -> None:
-  check_target(target, overwrite)  # someone may have published meanwhile
-  old = None
-  if os.path.exists(target):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                dir=os.path.dirname(target))
-    os.rename(target, os.path.join(old, "x"))
-  os.rename(src, target)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+def _publish(src: pathlib.Path, target: pathlib.Path, overwrite: bool, error) -> None:
+  if not target.exists():
+    os.replace(src, target)
+    return
+  if not overwrite:
+    raise error(f"{target} appeared while writing; not replacing it")
+  old = target.parent / f".{target.name}.old"
+  shutil.rmtree(old, ignore_errors=True)
+  os.replace(target, old)  # two renames: the target is missing for an instant, never partial
+  os.replace(src, target)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path, text: str | bytes) -> pathlib.Path:

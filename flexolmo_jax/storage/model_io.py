@@ -7,21 +7,21 @@
       manifest.json      (stitched models) expert slots, sources, sha256 of every tensor/slot
       tokenizer/         (optional) tokenizer files, carried from an HF import to exports
 
-Written to a temporary sibling and renamed, so a directory that exists is complete.
+Built in `.DIR.partial` and renamed (storage.atomic), so a directory that exists is complete.
+DIR/params is an orbax checkpoint however the directory was made: training exports save
+jax.Arrays with orbax's ArrayHandler, the stitcher and the converters stream numpy leaves
+through orbax (param_store.ParamWriter); both restore with plain orbax calls.
 """
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from flexolmo_jax.storage import param_store
+from flexolmo_jax.storage import atomic, param_store
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.params import abstract_params
 
@@ -59,22 +59,15 @@ def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None =
                    overwrite: bool = False) -> pathlib.Path:
   """Write params + config + meta atomically (all processes call this in multi-host runs)."""
   out = pathlib.Path(path).absolute()
-  if out.exists() and not overwrite:
-    raise ModelDirError(f"{out} already exists")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.partial"
-  if jax.process_index() == 0 and tmp.exists():
-    shutil.rmtree(tmp)
-  ckptr = ocp.PyTreeCheckpointer()
-  # One layer (and expert) per stored chunk, so tools can stream the model (param_store).
-  ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(
-      params, save_args=param_store.layer_chunking(cfg, params)))
-  if jax.process_index() == 0:
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-    (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=1, default=str))
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
+  primary = jax.process_index() == 0
+  with atomic.staged_directory(out, overwrite, error=ModelDirError, primary=primary) as tmp:
+    ckptr = ocp.PyTreeCheckpointer()
+    # One layer (and expert) per stored chunk, so tools can stream the model (param_store).
+    ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(
+        params, save_args=param_store.layer_chunking(cfg, params)))
+    if primary:
+      (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+      (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=1, default=str))
   return out
 
 

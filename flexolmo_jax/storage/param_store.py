@@ -2,39 +2,42 @@
 
 The stitcher and the converters move 37B-parameter models on hosts that cannot hold one, so they
 never restore a whole tree: `ParamReader` opens one array of DIR/params with tensorstore and
-reads index slices of it; `ParamWriter` creates the arrays of a new DIR/params and fills them
-chunk by chunk. Both speak the layout orbax uses, so `model_io.load_params` restores what
-`ParamWriter` wrote (and `ParamReader` reads what `save_model_dir` / orbax wrote):
+reads index slices of it; `ParamWriter` has orbax save a tree of lazy `StreamedArray` leaves and,
+from inside that save, fills each array piece by piece. So every model directory is a genuine
+orbax checkpoint however it was made (training export, stitch, prune, import): plain
+`ocp.PyTreeCheckpointer().restore(DIR/params)` (numpy leaves) and
+`ocp.StandardCheckpointer().restore(DIR/params, abstract_tree)` both work.
 
   * reading: orbax OCDBT (the default save) or plain per-array zarr directories;
-  * writing: plain zarr v2, one directory per array and one *uncompressed* file per chunk, so
-    a truncated chunk file is caught on read (zarr checks the byte count).
+  * writing: orbax's own per-array zarr v2 layout (no OCDBT), *uncompressed*, one file per
+    chunk, so a truncated chunk file is caught on read (zarr checks the byte count).
 
-Chunks are one layer (and one expert) of a tensor, split further by orbax's own rule to at most
-CHUNK_BYTES; `layer_chunking` gives `save_model_dir` the same chunks, so training exports
-stream too, and their stored chunks line up with the stitcher's output chunks.
+Chunks are one layer (and one expert) of a tensor, split further to at most CHUNK_BYTES by
+orbax's rule for `SaveArgs(chunk_byte_size, shard_axes)` (asked through the public spec
+builder, see `chunk_shape`); `layer_chunking` gives `save_model_dir` the same SaveArgs, so
+training exports stream too, and their stored chunks line up with the stitcher's output chunks.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
-import contextlib
-import fcntl
+import dataclasses
+import functools
 import json
 import math
-import os
 import pathlib
-import shutil
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 
-PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing jax)
+PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing model_io)
 CHUNK_BYTES = 64 << 20  # upper bound of one stored chunk / one streamed piece
-WRITE_BYTES = 128 << 10  # size of one write() call (see ParamWriter._write_chunks)
-_METADATA = "_METADATA"
+_METADATA = "_METADATA"  # orbax's tree metadata file (read here, written by orbax only)
 
 Path = tuple  # a param path, e.g. ("decoder", "layers", "mlp", "gate_proj")
 EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "router", "router_bias")
@@ -62,27 +65,42 @@ def chunk_shape(path: Path, shape, itemsize: int, moe: bool,
                 chunk_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
   """One layer (and expert) per chunk, then split to at most chunk_bytes.
 
-  The split is orbax's own choice (`choose_chunk_shape`, what `save_model_dir` writes through
-  `layer_chunking`), so a model directory written by training and one written here have the
-  same chunk grid: the stitcher can then compare stored chunks without decoding them. It
-  splits the largest axis first: the vocabulary axis of embed_tokens [V, d] and lm_head [d, V],
-  i.e. blocks of rows of the HF tensors, which the converters stream.
+  This is the chunk shape orbax writes for `save_args(path, ...)`: asked from orbax's public
+  spec builder rather than re-derived, so a model directory written by training and one
+  written here have the same chunk grid whatever orbax version is installed, and the
+  stitcher can compare stored chunks without decoding them. orbax splits the largest axis
+  first (into divisors): the vocabulary axis of embed_tokens [V, d] and lm_head [d, V], i.e.
+  blocks of rows of the HF tensors, which the converters stream.
   """
   shape = tuple(int(s) for s in shape)
   if not shape:
     return ()
   n = min(lead_axes(path, moe), len(shape))
-  try:
-    from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape
-    dtype = np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(("V", itemsize))
-    return tuple(int(c) for c in choose_chunk_shape(shape, shape, dtype, chunk_bytes,
-                                                    shard_axes=tuple(range(n))))
-  except ImportError:  # orbax moved it: same idea, rows of the first free axis
-    chunks = [1] * n + list(shape[n:])
-    if n < len(shape):
-      row = itemsize * math.prod(shape[n + 1:])
-      chunks[n] = max(1, min(shape[n], chunk_bytes // max(row, 1)))
-    return tuple(max(1, c) for c in chunks)
+  return _orbax_chunks(leaf_name(path), shape, itemsize, n, chunk_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _orbax_chunks(name: str, shape: tuple[int, ...], itemsize: int, n_lead: int,
+                  chunk_bytes: int) -> tuple[int, ...]:
+  arg = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n_lead)))
+  info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path("/nonexistent"),
+                                     is_ocdbt_checkpoint=False, use_compression=False)
+  spec = _write_spec(info, shape, np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8)
+                     else np.dtype(("V", itemsize)), arg)  # only the itemsize matters
+  return tuple(int(c) for c in spec["metadata"]["chunks"])
+
+
+def _write_spec(info, shape, dtype, arg) -> dict[str, Any]:
+  """The tensorstore spec orbax's NumpyHandler would create this array with (no OCDBT)."""
+  return ocp.type_handlers.get_json_tspec_write(
+      info, use_ocdbt=False, global_shape=tuple(shape), local_shape=tuple(shape),
+      dtype=np.dtype(dtype), arg=arg)
+
+
+def save_args(path: Path, ndim: int, moe: bool, chunk_bytes: int = CHUNK_BYTES):
+  """orbax SaveArgs of one leaf: its layer (and expert) axes are storage-sharded one by one."""
+  n = min(lead_axes(path, moe), ndim)
+  return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n)))
 
 
 def chunk_grid(shape, chunks) -> Iterator[tuple[slice, ...]]:
@@ -98,12 +116,10 @@ def chunk_grid(shape, chunks) -> Iterator[tuple[slice, ...]]:
 def layer_chunking(cfg, tree):
   """orbax SaveArgs giving `save_model_dir` the per-layer/per-expert chunks described above."""
   import jax
-  import orbax.checkpoint as ocp
 
   def args(path, leaf):
     keys = tuple(getattr(k, "key", str(k)) for k in path)
-    n = min(lead_axes(keys, cfg.is_moe), len(getattr(leaf, "shape", ())))
-    return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=tuple(range(n)))
+    return save_args(keys, len(getattr(leaf, "shape", ())), cfg.is_moe)
 
   return jax.tree_util.tree_map_with_path(args, tree)
 
@@ -259,128 +275,123 @@ def _short(e: Exception, n: int = 300) -> str:
 
 # --- writing ---------------------------------------------------------------------------------
 
-class ParamWriter:
-  """Creates the arrays of a new params directory and fills them piece by piece.
+@dataclasses.dataclass(frozen=True)
+class StreamedArray:
+  """A leaf orbax saves without holding it: its bytes come from the producer of the save."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
 
-  leaves: {path: (shape, dtype)}. Pieces must be whole chunks (iterate `pieces(path)`).
-  `finish()` writes orbax's _METADATA; without it the directory does not restore.
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+  """orbax's NumpyHandler, except that `serialize` streams: it creates every array with the
+  spec NumpyHandler would use and then runs the producer, which fills them piece by piece.
+
+  `typestr()` stays 'np.ndarray', so what it writes is restored by orbax's own NumpyHandler
+  (or ArrayHandler, given shardings) with no project code. Registered per save, not globally.
+  """
+
+  def __init__(self, writer: "ParamWriter", fill: Callable[[], Any]):
+    super().__init__()
+    self._writer, self._fill = writer, fill
+    self.done, self.result = False, None
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    for value, info, arg in zip(values, infos, args):
+      await info.await_path_creation()  # orbax's temporary checkpoint directory
+      self._writer._create(info, value, arg)
+    if len(self._writer._arrays) == len(self._writer.leaves) and not self.done:
+      # The producer blocks (reads, compares, hashes, on its own threads): keep orbax's
+      # event loop free while it runs. Its exceptions propagate to `save` unchanged.
+      self.result = await asyncio.to_thread(self._fill)
+      self.done = True
+    return []
+
+
+class ParamWriter:
+  """Writes a new params directory as an orbax checkpoint, filling it piece by piece.
+
+  leaves: {path: (shape, dtype)}. `save(fill)` has orbax save the tree; once orbax has made
+  its (temporary) checkpoint directory, every array is created with orbax's own spec and
+  `fill()` runs: it calls `write(path, index, value)` for every piece (iterate `pieces(path)`;
+  whole chunks, so nothing is read back). orbax then writes _METADATA and renames its
+  temporary directory into place: an exception from `fill` propagates unchanged and leaves
+  no `params` directory.
   """
 
   def __init__(self, params_dir, leaves: dict[Path, tuple[tuple[int, ...], Any]], moe: bool,
                chunk_bytes: int = CHUNK_BYTES):
     self.root = pathlib.Path(params_dir).absolute()
-    self.root.mkdir(parents=True, exist_ok=True)
     self.leaves = {tuple(p): (tuple(int(s) for s in shape), np.dtype(dt))
                    for p, (shape, dt) in leaves.items()}
     self.moe = moe
+    self.chunk_bytes = chunk_bytes
     self.chunks = {p: chunk_shape(p, s, d.itemsize, moe, chunk_bytes)
                    for p, (s, d) in self.leaves.items()}
     # No fsync per chunk file (tensorstore's default): the output is published by renaming
     # its directory, so a crash leaves a partial directory either way, and per-file syncs
     # made writing 3x slower than `cp`.
     self._context = ts.Context({"file_io_sync": False})
-    # Create every array (metadata only) up front: workers then only write chunks.
-    self._arrays: dict[Path, ts.TensorStore] = {p: self._create(p) for p in self.leaves}
+    self._arrays: dict[Path, ts.TensorStore] = {}
+    self._by_name = {leaf_name(p): p for p in self.leaves}
 
-  def _create(self, path: Path) -> ts.TensorStore:
-    shape, dtype = self.leaves[path]
-    spec = {
-        "driver": "zarr",
-        "kvstore": {"driver": "file", "path": str(self.root / leaf_name(path)) + "/"},
-        "dtype": np.dtype(dtype).name,
-        "metadata": {"shape": list(shape), "chunks": list(self.chunks[path]),
-                     "compressor": None},
-        # orbax restores with fill_missing_data_reads=False: every chunk must exist, even an
-        # all-zero one (e.g. the unused bias of the public slot).
-        "store_data_equal_to_fill_value": True,
-        "create": True, "delete_existing": True,
-    }
+  def save(self, fill: Callable[[], Any]) -> Any:
+    """Save the tree with orbax, `fill()` producing its bytes; returns what `fill` returned."""
+    tree: dict = {}
+    args: dict = {}
+    for p, (shape, dtype) in self.leaves.items():
+      node, anode = tree, args
+      for k in p[:-1]:
+        node, anode = node.setdefault(k, {}), anode.setdefault(k, {})
+      node[p[-1]] = StreamedArray(shape, dtype)
+      anode[p[-1]] = save_args(p, len(shape), self.moe, self.chunk_bytes)
+    handler = _StreamingHandler(self, fill)
+    registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, handler))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+        use_ocdbt=False, use_compression=False, type_handler_registry=registry))
     try:
-      return ts.open(spec, context=self._context).result()
+      ckptr.save(self.root, args=ocp.args.PyTreeSave(tree, save_args=args))
+    finally:
+      ckptr.close()
+      self._arrays.clear()
+    if not handler.done:
+      raise StoreError(f"orbax saved {self.root} without asking for its arrays")
+    return handler.result
+
+  def _create(self, info, value: StreamedArray, arg) -> None:
+    path = self._by_name[info.name]
+    spec = _write_spec(info, value.shape, value.dtype, arg)
+    if tuple(spec["metadata"]["chunks"]) != self.chunks[path]:  # pieces() relies on it
+      raise StoreError(f"{info.name}: orbax chose chunks {spec['metadata']['chunks']}, "
+                       f"expected {self.chunks[path]}")
+    try:
+      self._arrays[path] = ts.open(ts.Spec(spec), create=True, open=True,
+                                   context=self._context).result()
     except Exception as e:
-      raise StoreError(f"cannot create {leaf_name(path)} in {self.root}: {_short(e)}") from e
+      raise StoreError(f"cannot create {info.name} in {self.root}: {_short(e)}") from e
 
   def pieces(self, path: Path) -> Iterator[tuple[slice, ...]]:
     shape, _ = self.leaves[tuple(path)]
     return chunk_grid(shape, self.chunks[tuple(path)])
 
   def write(self, path: Path, index, value: np.ndarray) -> None:
-    """Write `value` at `index`; whole chunks go straight to their files (see _write_chunks)."""
+    """Write `value` at `index` (a piece from `pieces`, or any region: partial chunks are
+    read-modify-written by tensorstore)."""
     path = tuple(path)
-    shape, dtype = self.leaves[path]
+    _, dtype = self.leaves[path]
     value = np.asarray(value)
     if value.dtype != dtype:
       raise StoreError(f"{leaf_name(path)}{describe_index(index)}: dtype {value.dtype}, "
                        f"expected {dtype}")
-    if not self._write_chunks(path, index, value):
-      self._arrays[path][index].write(value).result()  # partial chunks: read-modify-write
-
-  def _write_chunks(self, path: Path, index, value: np.ndarray) -> bool:
-    """Write the chunk files of a region made of whole chunks directly; False if it is not.
-
-    An uncompressed zarr v2 chunk file is just the chunk's C-order bytes (edge chunks padded
-    to the full chunk shape). Writing them ourselves in WRITE_BYTES slices is ~7x faster than
-    tensorstore's single large write() per file on this VM (large writes make the kernel
-    allocate page-cache memory the slow way; `cp` also writes 128 KiB at a time).
-    """
-    shape, dtype = self.leaves[path]
-    chunks = self.chunks[path]
-    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
-    starts, stops = [], []
-    for i, n in zip(index, shape):
-      if isinstance(i, (int, np.integer)):
-        starts.append(int(i)); stops.append(int(i) + 1)
-      elif isinstance(i, slice) and i.step in (None, 1):
-        starts.append(i.start or 0); stops.append(n if i.stop is None else min(i.stop, n))
-      else:
-        return False
-    region = tuple(b - a for a, b in zip(starts, stops))
-    if value.size != math.prod(region):
-      return False
-    for a, b, n, c in zip(starts, stops, shape, chunks):
-      if a % c or (b % c and b != n):  # must start and end on chunk boundaries
-        return False
-    value = value.reshape(region)
-    base = self.root / leaf_name(path)
-    grid = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunks)]
-    for cell in (np.ndindex(*[len(g) for g in grid]) if grid else [()]):
-      cidx = [g[k] for g, k in zip(grid, cell)]
-      lo = [ci * c for ci, c in zip(cidx, chunks)]
-      hi = [min(l + c, n) for l, c, n in zip(lo, chunks, shape)]
-      block = value[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))]
-      if tuple(block.shape) != tuple(chunks):  # edge chunk: zarr stores it padded
-        full = np.zeros(chunks, dtype)
-        full[tuple(slice(0, h - l) for l, h in zip(lo, hi))] = block
-        block = full
-      data = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
-      key = ".".join(str(c) for c in cidx) or "0"
-      with open(base / key, "wb", buffering=0) as f:
-        write_all(f, data)
-    return True
+    arr = self._arrays.get(path)
+    if arr is None:
+      raise StoreError(f"{leaf_name(path)}: written outside ParamWriter.save")
+    # The caller does not modify `value` (the stitcher only hashes it): let tensorstore use
+    # its buffer instead of copying it (one copy less per piece in flight).
+    arr[tuple(index)].write(value, can_reference_source_data_indefinitely=True).result()
 
   def release(self, path: Path) -> None:
     pass  # no caches on the write side; kept for symmetry with ParamReader
-
-  def finish(self) -> None:
-    tree = {}
-    for p, (shape, _) in sorted(self.leaves.items()):
-      tree[str(tuple(p))] = {
-          "key_metadata": [{"key": k, "key_type": 2} for k in p],  # 2 = dict key
-          "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                             "write_shape": list(shape)},
-      }
-    meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-    (self.root / _METADATA).write_text(json.dumps(meta))
-    self._arrays.clear()
-
-
-def write_all(f, data) -> None:
-  """Write a buffer to an unbuffered file in WRITE_BYTES slices (retrying short writes)."""
-  view = memoryview(data).cast("B")
-  off = 0
-  while off < len(view):
-    off += f.write(view[off:off + WRITE_BYTES])
 
 
 def tree_leaves(abstract_tree) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
@@ -442,45 +453,3 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = 2,
     for f in pending:
       f.cancel()
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-# --- atomic output directories ---------------------------------------------------------------
-
-@contextlib.contextmanager
-def staged_output(target, overwrite: bool = False, error=StoreError) -> Iterator[pathlib.Path]:
-  """Build in `.NAME.partial` next to `target`, rename onto it only when the body succeeded.
-
-  The partial name is fixed, so a run killed with SIGKILL leaves one clearly named leftover
-  that the next run removes (a lock file keeps two runs on one target apart). Nothing that
-  looks like a finished output is ever visible at `target` before the final rename.
-  """
-  target = pathlib.Path(target).absolute()
-  if target.exists() and not overwrite:
-    raise error(f"{target} already exists (pass --overwrite to replace it)")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  lock_path = target.parent / f".{target.name}.lock"
-  with open(lock_path, "w") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      raise error(f"another process is writing {target} (lock {lock_path})") from e
-    tmp = target.parent / f".{target.name}.partial"
-    if tmp.exists():
-      shutil.rmtree(tmp)  # left behind by an interrupted run
-    tmp.mkdir()
-    try:
-      yield tmp
-      if target.exists():
-        if not overwrite:
-          raise error(f"{target} appeared while writing; not replacing it")
-        old = target.parent / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        os.replace(tmp, target)
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
-      with contextlib.suppress(OSError):
-        lock_path.unlink()

@@ -76,8 +76,8 @@ def build_flexmix_mini(out_dir: str | None = None, *, scale: float = 1.0,
   out_dir = os.path.abspath(out_dir or default_dir())
   if scale <= 0:
     raise DataError(f"scale must be positive, got {scale}")
-  with atomic.staged_directory(out_dir, overwrite) as stage:
-    root = stage.root
+  with atomic.staged_directory(out_dir, overwrite, error=DataError) as stage:
+    root = str(stage.root)
     os.makedirs(os.path.join(root, "raw"))
     stats: dict[str, Any] = {"scale": scale, "seed": seed, "seq_len": seq_len,
                  "validation_fraction": validation_fraction, "domains": {}}
