@@ -46,7 +46,7 @@ flags.DEFINE_alias("router-tuning", "router_tuning", flag_values=FLAGS)
 _NO_ROUTER_TUNING = flags.DEFINE_bool("no-router-tuning", False, "Skip router tuning (step 6).",
                                       flag_values=FLAGS)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (configs/ lives there)
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
 DOMAINS = ("code", "math", "legal")
 EVAL_DOMAINS = ("public",) + DOMAINS
