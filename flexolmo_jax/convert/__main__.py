@@ -1,7 +1,7 @@
 r"""CLI: HuggingFace transformers <-> model directories, streaming and atomic.
 
   python -m flexolmo_jax.convert to_hf --ckpt=DIR --out=HF_DIR [--exclude=NAME,...]
-      [--dtype=bfloat16|float32] [--drop-bias] [--max-shard-size=2GiB] [--tokenizer=PATH]
+      [--dtype=bfloat16|float32] [--drop-bias] [--max-shard-size=256MiB] [--tokenizer=PATH]
   python -m flexolmo_jax.convert from_hf --hf=HF_DIR --out=DIR [--param-dtype=float32]
 
 torch is never needed: safetensors are read and written directly.
@@ -29,7 +29,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16", "float
                            "dtype recorded in the config.", flag_values=FLAGS)
 _DROP_BIAS = flags.DEFINE_bool("drop-bias", False, "to_hf: export a model with an active learned "
                                "expert bias without it (logits will differ).", flag_values=FLAGS)
-_MAX_SHARD = flags.DEFINE_string("max-shard-size", "2GiB", "to_hf: safetensors shard size.",
+_MAX_SHARD = flags.DEFINE_string("max-shard-size", "256MiB", "to_hf: safetensors shard size (host memory holds one).",
                                  flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "to_hf: tokenizer.json or a folder of "
                                  "tokenizer files (default: the model's own).", flag_values=FLAGS)

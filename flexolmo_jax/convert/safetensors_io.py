@@ -63,5 +63,6 @@ class Reader:
 
 def save_shard(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
   """Write one shard file (tensors in insertion order of `tensors`; transformers' metadata)."""
+  # save_file writes from each array's own memory (safetensors >= 0.8): nothing is copied.
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
             metadata=dict(metadata or {"format": "pt"}))

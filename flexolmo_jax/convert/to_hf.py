@@ -88,14 +88,47 @@ def ours_block_index(m: hf_mapping.TensorMap, index: tuple, block: slice | None)
   return index + ((slice(None), block) if m.path == ("lm_head",) else (block,))
 
 
-def _gather(shard: dict, key: str, piece: np.ndarray, block: slice | None, shape) -> None:
-  """Put `piece` (a whole HF tensor, or rows `block` of it) into the shard being gathered."""
-  if block is None:
-    shard[key] = piece
-    return
-  if key not in shard:
-    shard[key] = np.empty(shape, piece.dtype)
-  shard[key][block] = piece
+class ShardArena:
+  """One buffer, reused for every shard, that the shard's tensors are gathered into.
+
+  `safetensors.numpy.save_file` writes a shard straight from its arrays' memory (no copy), so
+  peak host memory is one shard, and the same pages serve every shard: fresh multi-hundred-MB
+  allocations per shard were slower than writing (page faults into memory the VM had already
+  returned) and the allocator kept two shards' worth alive.
+  """
+
+  def __init__(self, nbytes: int):
+    self._buf = np.empty(max(int(nbytes), 1), np.uint8)
+    self._offset = 0
+    self.tensors: dict[str, np.ndarray] = {}
+
+  def tensor(self, key: str, shape, dtype) -> np.ndarray:
+    """The shard's array for `key` (laid out on first use; 64-byte aligned)."""
+    if key not in self.tensors:
+      dtype = np.dtype(dtype)
+      n = math.prod(shape) * dtype.itemsize
+      start = -(-self._offset // 64) * 64
+      if start + n > self._buf.size:
+        raise ConvertError(f"{key}: shard arena of {self._buf.size} bytes overflows")
+      self.tensors[key] = self._buf[start:start + n].view(dtype).reshape(shape)
+      self._offset = start + n
+    return self.tensors[key]
+
+  def put(self, key: str, piece: np.ndarray, block: slice | None, shape) -> None:
+    """`piece` is the whole HF tensor, or rows `block` of it."""
+    dst = self.tensor(key, shape, piece.dtype)
+    if block is None:
+      dst[...] = piece.reshape(dst.shape)
+    else:
+      dst[block] = piece
+
+  def clear(self) -> None:
+    self.tensors, self._offset = {}, 0
+
+
+def _write_shard(arena: ShardArena, path: pathlib.Path) -> None:
+  save_shard(path, arena.tensors)
+  arena.clear()
 
 
 def _find_tokenizer(model_dir: pathlib.Path, depth: int = 0) -> pathlib.Path | None:
@@ -151,7 +184,7 @@ def copy_tokenizer(src: pathlib.Path, dest: pathlib.Path, cfg) -> list[str]:
 
 
 def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
-          drop_bias: bool = False, max_shard_size="2GiB", tokenizer=None,
+          drop_bias: bool = False, max_shard_size="256MiB", tokenizer=None,
           overwrite: bool = False, workers: int = 2, progress: bool = True) -> pathlib.Path:
   """Write `ckpt` (model dir / workdir / stitched model) as a transformers folder at `out`.
 
@@ -242,13 +275,16 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
   total = sum(math.prod(e[4]) * e[5].itemsize for e in entries)
   weight_map = {}
   hf_shapes = {e[0]: tuple(e[4]) for e in entries}
+  # One arena holds the shard being gathered (the largest shard: a tensor bigger than
+  # max_shard_size is a shard of its own), reused for every shard: peak memory is one shard.
+  arena = ShardArena(max(sum(math.prod(e[4]) * e[5].itemsize + 64 for e in sh) for sh in shards)
+                     if shards else 0)
   with staged_directory(out, overwrite, error=ConvertError) as tmp:
-    shard, cur = {}, None  # the shard being gathered: {hf key: full tensor}
+    cur = None  # index of the shard being gathered into `arena`
 
     def flush():
       if cur is not None:
-        save_shard(tmp / files[cur], shard)
-        shard.clear()
+        _write_shard(arena, tmp / files[cur])
 
     last_path = None
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="to_hf",
@@ -257,13 +293,13 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
         if si != cur:  # shards are produced in order: write the previous one
           flush()
           cur = si
-        _gather(shard, key, piece, block, hf_shapes[key])
+        arena.put(key, piece, block, hf_shapes[key])
         weight_map[key] = files[si]
         if last_path is not None and path != last_path:
           reader.release(last_path)
         last_path = path
         bar.update(piece.nbytes)
-    flush()
+      flush()
     dtype_name = str(entries[0][5]) if entries else "float32"
     (tmp / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

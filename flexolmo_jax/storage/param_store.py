@@ -79,12 +79,16 @@ def chunk_shape(path: Path, shape, itemsize: int, moe: bool,
   return _orbax_chunks(leaf_name(path), shape, itemsize, n, chunk_bytes)
 
 
+_SPEC_CONTEXT = ts.Context()
+
+
 @functools.lru_cache(maxsize=4096)
 def _orbax_chunks(name: str, shape: tuple[int, ...], itemsize: int, n_lead: int,
                   chunk_bytes: int) -> tuple[int, ...]:
   arg = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n_lead)))
   info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path("/nonexistent"),
-                                     is_ocdbt_checkpoint=False, use_compression=False)
+                                     is_ocdbt_checkpoint=False, use_compression=False,
+                                     ts_context=_SPEC_CONTEXT)  # never opened: only a spec
   spec = _write_spec(info, shape, np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8)
                      else np.dtype(("V", itemsize)), arg)  # only the itemsize matters
   return tuple(int(c) for c in spec["metadata"]["chunks"])
