@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 from flexolmo_jax.data import catalog
 from flexolmo_jax.data.errors import DataError
 from flexolmo_jax.data.tokenizer import load_tokenizer, tokenizer_info
+from flexolmo_jax.storage import atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +120,9 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
 
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  os.makedirs(root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=root)
-  try:
+  with atomic.shared_cache_directory(final) as tmp:  # several hosts may pack at once
+    if tmp is None:
+      return _load_meta(final)
     source = builder.as_data_source(split=split)
     tokenizer = load_tokenizer(tokenizer_path)
 
@@ -152,14 +151,7 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
             "tokenizer_sha256": tok.sha256, "content_sha256": content}
     with open(os.path.join(tmp, META_FILE), "w") as fh:
       json.dump(meta, fh, indent=1)
-    try:
-      os.rename(tmp, final)
-      log.info("packed %s/%s: %d rows, %d tokens", ds_dir, split, n_rows, n_tokens)
-    except OSError:
-      if not os.path.exists(os.path.join(final, META_FILE)):
-        raise  # not a lost race: a real failure
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  log.info("packed %s/%s: %d rows, %d tokens", ds_dir, split, n_rows, n_tokens)
   return _load_meta(final)
 
 

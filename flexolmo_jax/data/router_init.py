@@ -7,14 +7,15 @@ r"""Compute a domain embedding (router row initialiser) from a data owner's own 
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-import tempfile
 
 from absl import flags, logging
 import numpy as np
 
 from flexolmo_jax import cli
+from flexolmo_jax.storage.atomic import write_text_atomic
 
 FLAGS = flags.FlagValues()
 
@@ -44,10 +45,9 @@ def _main(argv):
   vec = domain_embedding(_DATA.value, _EMBEDDER.value, _SAMPLES.value, _SEED.value,
                          _MODEL.value, _TOKENIZER.value, width)  # errors: cli.run, exit 1
   out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".npy", delete=False) as f:
-    np.save(f, vec)
-  os.replace(f.name, out)
+  buf = io.BytesIO()
+  np.save(buf, vec)
+  write_text_atomic(out, buf.getvalue())
   print(f"wrote {out}: width {vec.shape[0]}, norm {np.linalg.norm(vec):.4f}")
 
 

@@ -106,7 +106,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) ->
       vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer)
-  tmp = f"{out_path}.tmp-{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, out_path)
+  from flexolmo_jax.storage.atomic import write_text_atomic
+  write_text_atomic(out_path, tok.to_str())
   return tokenizer_info(out_path)

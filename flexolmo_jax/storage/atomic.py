@@ -7,6 +7,9 @@ dataset, an HF folder or a report:
     final rename is atomic), rename onto the target only when the body succeeded. The partial
     name is fixed, so a run killed with SIGKILL leaves one clearly named leftover that the next
     run removes; a lock file keeps two runs on one target apart.
+  * `shared_cache_directory`: the variant for caches that several processes (hosts) may build
+    at once on a shared filesystem, where a lock cannot be trusted: each builds in its own
+    uniquely named partial directory and the first complete one wins.
   * `write_text_atomic`: one file, written to a temporary sibling and renamed.
 
 Storage sits below data: the error class is passed in (data tools raise `DataError`), never
@@ -97,6 +100,28 @@ def _publish(src: pathlib.Path, target: pathlib.Path, overwrite: bool, error) ->
   os.replace(target, old)  # two renames: the target is missing for an instant, never partial
   os.replace(src, target)
   shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_cache_directory(target) -> Iterator[pathlib.Path | None]:
+  """Yield a private partial directory to build `target` in, then publish it unless another
+  process published first (then its copy is kept and ours discarded: both are complete and
+  equal by construction). Yields None if `target` already exists: nothing to build."""
+  target = pathlib.Path(target)
+  if target.exists():
+    yield None
+    return
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+  try:
+    yield tmp
+    try:
+      os.rename(tmp, target)
+    except OSError:
+      if not target.exists():
+        raise  # not a lost race: a real failure
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path, text: str | bytes) -> pathlib.Path:
