@@ -87,13 +87,15 @@ def _call(main: Callable, argv: list[str]) -> int:
 
 
 def _config_flags(fv: flags.FlagValues):
-  return [f for n, f in fv._flags().items() if n == f.name and hasattr(f, "_GetOverrides")]
+  # ml_collections' config flags are the ones that take `--NAME.key=value` overrides.
+  return [fv[n] for n in fv if fv[n].name == n and hasattr(fv[n], "_GetOverrides")]
 
 
 def _adopt(fv: flags.FlagValues) -> None:
   """Moves a command's flags into absl's global FLAGS (app.run parses those) as main-module
   flags, so --help lists them even when __main__ is a two-line shim."""
-  for name, flag in fv._flags().items():
+  for name in fv:
+    flag = fv[name]
     if name == flag.name and name not in flags.FLAGS:
       flags.FLAGS[name] = flag
       flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
