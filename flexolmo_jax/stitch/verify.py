@@ -4,10 +4,13 @@ FlexOlmo's merge is only sound if every expert was trained against the same froz
 model: its shared tensors (embeddings, attention, norms, lm_head) and its public half (slot 0
 FFN and router row) must be *bit-identical* to the public model's. Anything else means a
 different public model or a tampered checkpoint, and the merged model would silently differ
-from what each data owner trained.
+from what each data owner trained. A declared tolerance (`--shared-tolerance=ATOL`, as the
+reference merge's allclose 1e-3 for bf16 noise) relaxes that to max |difference| <= ATOL with
+finite values; the public model's copy is the one written either way.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -76,6 +79,37 @@ def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return False
   # Compare bit patterns: NaN == NaN and 0.0 != -0.0, as "bit-identical" means.
   return a.tobytes() == b.tobytes()
+
+
+_BLOCK = 1 << 22  # elements per step: a 64 MiB chunk costs a few 16 MiB temporaries, not 3x it
+
+
+def max_abs_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
+  """(max |a - b|, all values of both finite) of same-shape, same-dtype arrays.
+
+  Computed in float32 (float64 for float64 tensors): bf16/f16/f32 values are exact there, and
+  a bf16 ulp is far above f32 rounding of the difference. 0.0 vs -0.0 differ by 0.
+  """
+  ct = np.float64 if a.dtype == np.float64 else np.float32
+  x, y = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+  worst, finite = 0.0, True
+  for i in range(0, x.size, _BLOCK):
+    u, v = x[i:i + _BLOCK].astype(ct), y[i:i + _BLOCK].astype(ct)
+    finite = finite and bool(np.isfinite(u).all() and np.isfinite(v).all())
+    d = np.abs(u - v)
+    worst = max(worst, float(d.max()) if np.isfinite(d).all() else math.inf)
+  return worst, finite
+
+
+def within_tolerance(a: np.ndarray, b: np.ndarray, atol: float) -> tuple[bool, float]:
+  """(accepted, max |difference|): bitwise equal always passes (NaN included, as at atol 0);
+  otherwise shape and dtype must agree, every value be finite and max |a - b| <= atol > 0."""
+  if bitwise_equal(a, b):
+    return True, 0.0
+  if a.shape != b.shape or a.dtype != b.dtype:
+    return False, math.nan
+  worst, finite = max_abs_difference(a, b)
+  return (atol > 0 and finite and worst <= atol), worst
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> str:
