@@ -232,3 +232,16 @@ class DistributedFlags:
     from flexolmo_jax.parallel.distributed import init_distributed
     init_distributed(self.coordinator_address.value, self.num_processes.value,
                      self.process_id.value, self.distributed.value, self.cpu_devices.value)
+
+
+class ModelLoadFlags:
+  """--dispatch --param_dtype: how a tool that reads a model directory runs it (fields of the
+  model's config that do not change parameter shapes), shared by evaluate and generate."""
+
+  def __init__(self, fv: flags.FlagValues):
+    self.dispatch = flags.DEFINE_enum(
+        "dispatch", None, ["dense", "capacity", "dropless"],
+        "Override the model's MoE dispatch.", flag_values=fv)
+    self.param_dtype = flags.DEFINE_enum(
+        "param_dtype", None, ["float32", "bfloat16"],
+        "Cast weights when loading (bfloat16 halves their memory).", flag_values=fv)

@@ -40,11 +40,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch (sequences).", flag
 _SPLIT = flags.DEFINE_string("split", "validation", "Dataset split.", flag_values=FLAGS)
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Batches per domain (quick looks).",
                                     flag_values=FLAGS)
-_DISPATCH = flags.DEFINE_enum("dispatch", None, ["dense", "capacity", "dropless"],
-                              "Override the model's MoE dispatch.", flag_values=FLAGS)
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
-                                 "Cast weights when loading (bfloat16 halves their memory).",
-                                 flag_values=FLAGS)
+_LOAD = cli.ModelLoadFlags(FLAGS)
 _NO_ROUTING = flags.DEFINE_bool("no_routing", False, "Skip routing statistics.", flag_values=FLAGS)
 _DIST = cli.DistributedFlags(FLAGS)
 flags.mark_flags_as_required(["ckpt", "out"], flag_values=FLAGS)
@@ -65,8 +61,8 @@ def _main(argv) -> int:
       tokenizer=_TOKENIZER.value, exclude=cli.parse_names(_EXCLUDE.value),
       opt_out_matrix=_MATRIX.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
       split=_SPLIT.value, max_batches=_MAX_BATCHES.value, mesh=config.mesh.to_dict(),
-      axis_rules=config.get("axis_rules"), dispatch=_DISPATCH.value,
-      param_dtype=_PARAM_DTYPE.value, routing=not _NO_ROUTING.value)
+      axis_rules=config.get("axis_rules"), dispatch=_LOAD.dispatch.value,
+      param_dtype=_LOAD.param_dtype.value, routing=not _NO_ROUTING.value)
   results = evaluate(opts)  # DataError, ModelDirError, ValueError: cli.run, exit 1
   if jax.process_index() == 0:
     files = write_all(results, _OUT.value)

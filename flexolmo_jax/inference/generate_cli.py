@@ -37,11 +37,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.", flag_values=
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass.", flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
 _NO_STOP = flags.DEFINE_bool("no_stop", False, "Do not stop at EOS.", flag_values=FLAGS)
-_DISPATCH = flags.DEFINE_enum("dispatch", None, ["dense", "capacity", "dropless"],
-                              "Override the serving MoE dispatch.", flag_values=FLAGS)
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
-                                 "Cast weights when loading (bfloat16 halves their memory).",
-                                 flag_values=FLAGS)
+_LOAD = cli.ModelLoadFlags(FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Write JSONL results here.", flag_values=FLAGS)
 _DIST = cli.DistributedFlags(FLAGS)
 flags.mark_flag_as_required("ckpt", flag_values=FLAGS)
@@ -98,8 +94,8 @@ def _main(argv) -> int:
   s = Sampling(_MAX_NEW.value, _TEMPERATURE.value, _TOP_P.value, not _NO_STOP.value,
                vocab_limit=info.vocab_size)
   mesh, rules = cli.mesh_and_rules(_CONFIG.value)
-  cfg, params = load_model(path, mesh, rules, dispatch=_DISPATCH.value or inference_dispatch(cfg),
-                           param_dtype=_PARAM_DTYPE.value)
+  cfg, params = load_model(path, mesh, rules, dispatch=_LOAD.dispatch.value or inference_dispatch(cfg),
+                           param_dtype=_LOAD.param_dtype.value)
   prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False).ids for it in items]
   with jax.set_mesh(mesh):
     outs = generate(params, cfg, prompts, s, excludes if cfg.is_moe else (), _SEED.value)
