@@ -161,6 +161,7 @@ def test_manifest_hashes_sources_and_chunk_layout(synth, tmp_path):
   assert [e["name"] for e in man["experts"]] == man["expert_names"]
   assert man["experts"][1]["source"]["step"] == 5 and man["public"]["step"] == 3
   assert man["experts"][1]["bias"] == "kept" and man["experts"][1]["bias_active"]
+  assert man["shared_tolerance"] == 0 and "shared_checks" not in man  # bitwise, as before
   flat = {".".join(k.key for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_leaves_with_path(params)}
   sha = lambda x: hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
@@ -307,6 +308,109 @@ def test_refuses_public_half_that_differs(synth, tmp_path, capsys):
                     f"--expert=code={bad_r}", f"--out={tmp_path / 'o'}"],
            "public router row decoder.layers.mlp.router[1:2, 0:1", f"expert 'code' ({bad_r})",
            "expert 'math'")
+
+
+# --- declared tolerance (--shared-tolerance) ------------------------------------------------------
+
+PUBLIC_HALVES = ("gate_proj", "up_proj", "down_proj", "router")
+
+
+def _noisy(synth, tmp_path, name, noise, nan_at=None):
+  """Expert NAME with every shared tensor, its public half and its public router row moved by
+  exactly +-noise per element (the bf16 noise of a re-imported release); nan_at: one NaN."""
+  def edit(p):
+    rng = np.random.default_rng(7)
+    for path, x in jax.tree_util.tree_leaves_with_path(p):
+      key = ".".join(k.key for k in path)
+      if key.startswith("decoder.layers.mlp."):
+        if key.rsplit(".", 1)[1] not in PUBLIC_HALVES:
+          continue  # router_bias: the expert's own
+        x = x[:, 0]  # a view: the public half only, slot 1 is the expert's trained part
+      x += (noise * rng.choice([-1.0, 1.0], size=x.shape)).astype(x.dtype)
+    if nan_at:
+      p["norm"]["scale"][nan_at] = np.nan
+  return _tampered(synth, tmp_path, name, edit)
+
+
+def _max_diff(err):
+  import re
+  m = re.search(r"max \|difference\| ([0-9.eE+-]+|nan|inf)", err)
+  assert m, err
+  return float(m.group(1))
+
+
+def test_shared_tolerance_accepts_noise_and_uses_the_public_copy(synth, tmp_path, capsys):
+  """Shared tensors off by 1e-4: refused bitwise (the default), accepted at 1e-3 with the
+  public model's bytes written and each max difference recorded in manifest.json."""
+  noisy = _noisy(synth, tmp_path, "math", 1e-4)
+  args = [f"--public={synth['public']}", f"--expert=code={synth['experts']['code'][0]}",
+          f"--expert=math={noisy}", f"--out={tmp_path / 'o'}"]
+  err = _refused(capsys, args, "shared tensor", f"expert 'math' ({noisy})",
+                 f"the public model 'public' ({synth['public']})", "--shared-tolerance=0 (bitwise)")
+  assert 0.9e-4 < _max_diff(err) < 1.1e-4, err
+  assert stitch_main(args + ["--shared-tolerance=1e-3", "--no-progress"]) == 0
+  out = tmp_path / "o"
+  man = json.loads((out / "manifest.json").read_text())
+  assert man["shared_tolerance"] == 1e-3
+  checks = man["shared_checks"]["tensors"]
+  shared = set(man["shared_sha256"])
+  halves = {f"decoder.layers.mlp.{k}[:, 0]" for k in PUBLIC_HALVES}
+  assert set(checks) == shared | halves
+  for tensor, rec in checks.items():
+    router = tensor.startswith("decoder.layers.mlp.router")
+    # The dense public model has no router: its row comes from the first expert, here clean.
+    assert rec["used"] == ("code" if router else "public"), tensor
+    assert 0.9e-4 < rec["max_abs_diff"]["math"] < 1.1e-4, (tensor, rec)
+    assert rec["max_abs_diff"].get("code", 0.0) == 0.0, (tensor, rec)
+  # Bitwise the public model's copy (and code's clean public router row), not math's.
+  params, pub = _params(out), synth["pub"]
+  flat = lambda t: {".".join(k.key for k in path): np.asarray(v)
+                    for path, v in jax.tree_util.tree_leaves_with_path(t)}
+  got, want = flat(params), flat(pub)
+  for tensor in shared:
+    assert got[tensor].tobytes() == want[tensor].tobytes(), tensor
+  for k in ("gate_proj", "up_proj", "down_proj"):
+    name = f"decoder.layers.mlp.{k}"
+    assert got[name][:, 0].tobytes() == want[name].tobytes(), name
+  code_router = synth["experts"]["code"][1]["decoder"]["layers"]["mlp"]["router"][:, 0]
+  np.testing.assert_array_equal(got["decoder.layers.mlp.router"][:, 0], code_router)
+  # math's own slot is its trained slot 1, untouched by the tolerance.
+  math_gate = synth["experts"]["math"][1]["decoder"]["layers"]["mlp"]["gate_proj"][:, 1]
+  np.testing.assert_array_equal(got["decoder.layers.mlp.gate_proj"][:, 2], math_gate)
+  assert stitch_main([f"--verify={out}", "--no-progress"]) == 0
+
+
+def test_shared_tolerance_refuses_above_it_and_non_finite(synth, tmp_path, capsys):
+  noisy = _noisy(synth, tmp_path, "math", 1e-2)
+  err = _refused(capsys, [f"--public={synth['public']}", f"--expert=math={noisy}",
+                          f"--out={tmp_path / 'o'}", "--shared-tolerance=1e-3"],
+                 "shared tensor ", f"expert 'math' ({noisy})", f"({synth['public']})",
+                 "above --shared-tolerance=0.001")
+  assert 0.9e-2 < _max_diff(err) < 1.1e-2, err
+  # A NaN is never within a tolerance, however large.
+  nan = _noisy(synth, tmp_path, "legal", 1e-5, nan_at=3)
+  _refused(capsys, [f"--public={synth['public']}", f"--expert=legal={nan}",
+                    f"--out={tmp_path / 'o'}", "--shared-tolerance=1"],
+           "shared tensor norm.scale", "(non-finite values)", f"expert 'legal' ({nan})")
+  with pytest.raises(StitchError, match="finite number >= 0"):
+    stitch(synth["public"], _experts(synth, ("math",)), tmp_path / "o", shared_tolerance=-1e-3)
+  _no_output(tmp_path / "o")
+
+
+def test_shared_tolerance_flag_parses_and_is_listed_in_help(monkeypatch, capsys):
+  monkeypatch.setenv("FLEXOLMO_PARSE_ONLY", "1")
+  assert stitch_main(["--public=p", "--expert=a=b", "--out=o", "--shared-tolerance=1e-3"]) == 0
+  assert stitch_main(["--public=p", "--expert=a=b", "--out=o", "--shared-tolerance=x"]) == 2
+  assert "shared-tolerance" in capsys.readouterr().err
+  out = subprocess.run([sys.executable, "-m", "flexolmo_jax.stitch", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr
+  listing = out.stdout.split("\nflags:\n", 1)[1].splitlines()
+  lines = [ln for ln in listing if "shared-tolerance" in ln]
+  assert len(lines) == 1 and lines[0].startswith("  --shared-tolerance=0.0 "), lines
+  assert "ATOL" in lines[0] and "bitwise" in lines[0]
+  assert "[--shared-tolerance=ATOL]" in out.stdout  # the usage line too
 
 
 def test_refuses_duplicate_names_and_mismatched_configs(synth, tmp_path, capsys):

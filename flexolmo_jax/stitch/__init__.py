@@ -1,7 +1,7 @@
 """Checkpoint stitcher: merge independently trained experts, drop experts, verify provenance.
 
   python -m flexolmo_jax.stitch --public=DIR --expert=NAME=DIR [...] --out=DIR [--top-k=K]
-      [--keep-bias] [--drop=NAME,...]
+      [--keep-bias] [--drop=NAME,...] [--shared-tolerance=ATOL]
   python -m flexolmo_jax.stitch --model=STITCHED --drop=NAME[,NAME] --out=DIR   # prune
   python -m flexolmo_jax.stitch --verify=DIR                                      # sha256s
 """

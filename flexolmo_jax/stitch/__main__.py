@@ -31,6 +31,10 @@ _TOP_K = flags.DEFINE_integer("top-k", None, "Experts per token in the stitched 
 _KEEP_BIAS = flags.DEFINE_bool("keep-bias", False, "Keep each expert's learned router bias "
                                "(default: drop it, as the reference merge does).",
                                flag_values=FLAGS)
+_SHARED_TOL = flags.DEFINE_float("shared-tolerance", 0.0, "ATOL: accept shared tensors and public "
+                                 "halves within max |difference| ATOL of the public model's "
+                                 "(e.g. 1e-3 for bf16 noise; its copy is used, manifest.json "
+                                 "records each max difference); 0 = bitwise.", flag_values=FLAGS)
 _DROP = flags.DEFINE_multi_string("drop", [], "NAME[,NAME]: experts to leave out (stitch) or "
                                   "remove physically (--model).", flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=FLAGS)
@@ -72,7 +76,8 @@ def _main(argv) -> int:
         experts.append((name, path))
       out = stitch(_PUBLIC.value, experts, _OUT.value, top_k=_TOP_K.value,
                    keep_bias=_KEEP_BIAS.value, drop=cli.parse_names_list(_DROP.value),
-                   overwrite=_OVERWRITE.value, workers=_WORKERS.value, progress=progress)
+                   overwrite=_OVERWRITE.value, workers=_WORKERS.value, progress=progress,
+                   shared_tolerance=_SHARED_TOL.value)
   except REFUSALS as e:
     print(f"stitch: error: {e}", file=sys.stderr)
     return 1

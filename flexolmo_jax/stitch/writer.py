@@ -34,7 +34,7 @@ from flexolmo_jax.storage.param_store import (EXPERT_LEAVES, ParamReader, ParamW
                                               tree_leaves)
 from flexolmo_jax.storage.sources import Source, resolve
 from flexolmo_jax.stitch.verify import (StitchError, bitwise_equal, check_configs, check_names,
-                                        first_difference)
+                                        first_difference, max_abs_difference, within_tolerance)
 
 DEFAULT_TOP_K = 4  # the paper's inference setting (top-4 of 8); capped at the expert count
 FORMAT = "flexolmo_jax.stitch/1"
@@ -45,6 +45,11 @@ HASH_NOTE = ("sha256 of the raw little-endian bytes of each shared tensor, and p
              "sha256(x.tobytes()). slot_sha256 is the sha256 of the lines 'tensor:hexdigest\\n' "
              "of that slot in sorted tensor order. `python -m flexolmo_jax.stitch --verify=DIR` "
              "recomputes them all")
+SHARED_CHECKS_NOTE = (
+    "stitched with --shared-tolerance > 0: per checked tensor (shared tensors; `T[:, 0]` = the "
+    "public half of expert tensor T), the max absolute difference of each source's copy from "
+    "the copy `used` (the public model's; for the public router row, the first expert's), over "
+    "all layers; every one is <= shared_tolerance and finite")
 DELAY_ENV = "FLEXOLMO_STITCH_PIECE_DELAY"  # test hook: seconds to sleep per piece (kill tests)
 
 Path = tuple
@@ -57,12 +62,14 @@ class Ref:
   who: str
   path: Path
   index: tuple
+  name: str = ""  # the source's name in manifest.json ("public" or the expert's)
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
   ref: Ref
   what: str  # how a mismatch is described ("shared tensor", "public half", ...)
+  tensor: str = ""  # its key in the manifest's tolerance report ("lm_head", "...[:, 0]")
 
 
 Resolver = Callable[[Path, tuple], tuple[Ref, list[Check]]]
@@ -90,9 +97,27 @@ def _piece_shape(index) -> tuple[int, ...]:
   return tuple(s.stop - s.start for s in index)
 
 
+def _refusal(check: Check, value_ref: Ref, other, value, tolerance: float) -> str:
+  how = ""
+  if other.shape == value.shape and other.dtype == value.dtype:  # else first_difference says
+    worst, finite = max_abs_difference(other, value)
+    how = f"max |difference| {worst:.6g}{'' if finite else ' (non-finite values)'}, "
+  limit = f"{tolerance:g}" if tolerance else "0 (bitwise)"
+  return (f"{check.what} {leaf_name(check.ref.path)}{describe_index(check.ref.index)} of "
+          f"{check.ref.who} differs from {leaf_name(value_ref.path)}"
+          f"{describe_index(value_ref.index)} of {value_ref.who}: {how}above "
+          f"--shared-tolerance={limit}; {first_difference(other, value)}")
+
+
 def stream(writer: ParamWriter, order: Sequence[Path], resolver: Resolver, *, workers: int = 2,
-           progress: bool = True, desc: str = "stitch") -> dict[tuple[Path, int | None], str]:
-  """Fill every chunk of `writer` in `order`; returns sha256 per (tensor, expert slot|None)."""
+           progress: bool = True, desc: str = "stitch", tolerance: float = 0.0,
+           checked: dict | None = None) -> dict[tuple[Path, int | None], str]:
+  """Fill every chunk of `writer` in `order`; returns sha256 per (tensor, expert slot|None).
+
+  tolerance > 0: a checked piece may differ from the value's by max |difference| <= tolerance
+  (finite values only); the value's copy is written. checked: filled (main thread) with
+  {check.tensor: {"used": source, "max_abs_diff": {source: max over its pieces}}}.
+  """
   from tqdm import tqdm
 
   delay = float(os.environ.get(DELAY_ENV, "0") or 0)
@@ -105,27 +130,33 @@ def stream(writer: ParamWriter, order: Sequence[Path], resolver: Resolver, *, wo
     value_ref, checks = resolver(leaf, idx)
     value = _read(value_ref, shape, dtype)
     raw = _raw(value_ref) if checks else None
+    diffs = []
     for check in checks:
-      if raw is not None and _raw(check.ref) == raw:
-        continue  # the same stored bytes under the same codec: bit-identical values
-      other = _read(check.ref, shape, dtype)
-      if not bitwise_equal(value, other):
-        raise StitchError(
-            f"{check.what} {leaf_name(check.ref.path)}{describe_index(check.ref.index)} of "
-            f"{check.ref.who} differs from {leaf_name(value_ref.path)}"
-            f"{describe_index(value_ref.index)} of {value_ref.who}: "
-            f"{first_difference(other, value)}")
+      worst = 0.0
+      if raw is None or _raw(check.ref) != raw:  # equal stored bytes + codec: identical values
+        other = _read(check.ref, shape, dtype)
+        if not tolerance:  # today's rule exactly: bit patterns (NaN == NaN, 0.0 != -0.0)
+          if not bitwise_equal(value, other):
+            raise StitchError(_refusal(check, value_ref, other, value, tolerance))
+        else:
+          ok, worst = within_tolerance(other, value, tolerance)
+          if not ok:
+            raise StitchError(_refusal(check, value_ref, other, value, tolerance))
+      diffs.append((check.tensor, value_ref.name, check.ref.name, worst))
     writer.write(leaf, idx, value)
     if delay:
       time.sleep(delay)
     used = {(r.reader, r.path) for r in [value_ref] + [c.ref for c in checks] if r.reader}
-    return leaf, idx, value, used
+    return leaf, idx, value, used, diffs
 
   hashers: dict[tuple[Path, int | None], "hashlib._Hash"] = {}
   current, used_by_leaf = None, set()
   with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
             disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
-    for leaf, idx, value, used in ordered_map(work, units, workers):
+    for leaf, idx, value, used, diffs in ordered_map(work, units, workers):
+      for tensor, used_name, src, worst in diffs if checked is not None else ():
+        rec = checked.setdefault(tensor, {"used": used_name, "max_abs_diff": {}})
+        rec["max_abs_diff"][src] = max(rec["max_abs_diff"].get(src, 0.0), worst)
       if leaf != current:
         # Every piece of the previous tensor is done: drop its handles (and any chunk cache).
         for reader, path in used_by_leaf:
@@ -226,13 +257,21 @@ def _workers(workers):
 
 def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | None = None,
            keep_bias: bool = False, drop: Sequence[str] = (), overwrite: bool = False,
-           workers: int | None = None, progress: bool = True) -> os.PathLike:
+           workers: int | None = None, progress: bool = True,
+           shared_tolerance: float = 0.0) -> os.PathLike:
   """Merge the public model and expert checkpoints [(name, path)] into OUT; returns OUT.
 
   Slot 0 = the public FFN + public router row, slot i = expert i's trained FFN + router row.
   keep_bias: keep each expert's learned bias (slot i <- its slot 1; slot 0 = 0); by default it
   is dropped, as the reference merge does. drop: names in `experts` to leave out.
+  shared_tolerance: 0 = shared tensors and public halves must be bit-identical to the public
+  model's; ATOL > 0 = max |difference| <= ATOL (finite values) is accepted, e.g. bf16 noise of
+  released experts, and the public model's copy is written (the first expert's for the public
+  router row, which the dense public model lacks); manifest.json records each max difference.
   """
+  tol = float(shared_tolerance or 0.0)
+  if not math.isfinite(tol) or tol < 0:
+    raise StitchError(f"--shared-tolerance={shared_tolerance!r} must be a finite number >= 0")
   names = [str(n) for n, _ in experts]
   check_names(names)
   unknown = [d for d in drop if d not in names]
@@ -278,22 +317,25 @@ def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | N
 
   pub_who = f"the public model {pub.describe()}"
   exp_who = [f"expert {s.describe()}" for s in exps]
+  exp_src = list(zip(exp_r, exp_who, names))
 
   def resolver(leaf: Path, idx: tuple):
     if not _is_expert_leaf(leaf):
-      value = Ref(pub_r, pub_who, leaf, idx)
-      return value, [Check(Ref(r, w, leaf, idx), "shared tensor") for r, w in zip(exp_r, exp_who)]
+      value = Ref(pub_r, pub_who, leaf, idx, "public")
+      return value, [Check(Ref(r, w, leaf, idx, n), "shared tensor", leaf_name(leaf))
+                     for r, w, n in exp_src]
     layer, slot, rest = idx[0], idx[1].start, idx[2:]
     name = leaf[-1]
     if slot == 0:
       if name == "router_bias":
         return Ref(None, "zeros", leaf, idx), []
       half = (layer, slice(0, 1)) + rest
+      key = f"{leaf_name(leaf)}[:, 0]"
       if name == "router":  # the dense public model has no router: the experts must agree
-        return Ref(exp_r[0], exp_who[0], leaf, half), [
-            Check(Ref(r, w, leaf, half), "public router row") for r, w in zip(exp_r[1:], exp_who[1:])]
-      return Ref(pub_r, pub_who, leaf, (layer,) + rest), [
-          Check(Ref(r, w, leaf, half), "public half") for r, w in zip(exp_r, exp_who)]
+        return Ref(exp_r[0], exp_who[0], leaf, half, names[0]), [
+            Check(Ref(r, w, leaf, half, n), "public router row", key) for r, w, n in exp_src[1:]]
+      return Ref(pub_r, pub_who, leaf, (layer,) + rest, "public"), [
+          Check(Ref(r, w, leaf, half, n), "public half", key) for r, w, n in exp_src]
     src, r, w = exps[slot - 1], exp_r[slot - 1], exp_who[slot - 1]
     if name == "router_bias" and not src.cfg.expert_bias:
       return Ref(None, "zeros", leaf, idx), []
@@ -303,10 +345,11 @@ def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | N
   expert_order = [p for n in EXPERT_LEAVES for p in out_shapes if _is_expert_leaf(p) and p[-1] == n]
   with staged_directory(out, overwrite, error=StitchError) as tmp:
     writer = ParamWriter(tmp / model_io.PARAMS_DIR, leaves, moe=True)
+    checked: dict = {}
     # orbax saves the tree; `stream` fills it from inside that save (see ParamWriter.save).
     hashes = writer.save(lambda: stream(writer, shared_order + expert_order, resolver,
                                         workers=_workers(workers), progress=progress,
-                                        desc="stitch"))
+                                        desc="stitch", tolerance=tol, checked=checked))
     shared, slots = _hash_tables(hashes, E)
     records = [{"slot": 0, "name": "public", "source": pub.record(),
                 "router_row_from": exps[0].record()}]
@@ -319,7 +362,14 @@ def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | N
       rec["slot_sha256"] = _slot_digest(sl)
     manifest = {"format": FORMAT, "created": _now(), "expert_names": list(out_cfg.names),
                 "top_k": k, "keep_bias": keep_bias, "hash": HASH_NOTE, "public": pub.record(),
-                "shared_sha256": shared, "experts": records, "chunks": _chunks(writer)}
+                "shared_sha256": shared, "experts": records, "chunks": _chunks(writer),
+                "shared_tolerance": tol or 0}
+    if tol:  # at 0 every check was bitwise: nothing to report beyond the hashes
+      manifest["shared_checks"] = {
+          "note": SHARED_CHECKS_NOTE,
+          "tensors": {t: {"used": r["used"],
+                          "max_abs_diff": dict(sorted(r["max_abs_diff"].items()))}
+                      for t, r in sorted(checked.items())}}
     meta = {"stage": "stitched", "public": pub.record(), "experts": [s.record() for s in exps],
             "keep_bias": keep_bias}
     _copy_tokenizer([pub] + exps, tmp)
@@ -384,6 +434,7 @@ def prune(model, drop: Sequence[str], out, *, overwrite: bool = False,
     manifest = {"format": FORMAT, "created": _now(), "expert_names": list(out_cfg.names),
                 "top_k": out_cfg.top_k, "keep_bias": cfg.expert_bias, "hash": HASH_NOTE,
                 "public": old.get("public"), "pruned_from": src.record(), "dropped": drop,
+                "shared_tolerance": old.get("shared_tolerance"),  # of the stitch it came from
                 "shared_sha256": shared, "experts": records, "chunks": _chunks(writer)}
     meta = {"stage": "pruned", "from": src.record(), "dropped": drop}
     _copy_tokenizer([src], tmp)
