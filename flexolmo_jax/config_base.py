@@ -87,7 +87,9 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
   config.data = ml_collections.ConfigDict(dict(root="", sources=(), tokenizer="", num_threads=2))
   config.init = ml_collections.ConfigDict(dict(params="", public="", public_embedding="",
                                                domain_embedding=""))
-  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+  # preemption_check_every: multi-host runs agree on SIGTERM every N steps (a host sync).
+  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
+                                                     preemption_check_every=1))
   config.eval = ml_collections.ConfigDict(dict(sources={}, global_batch_size=8))
   config.export = True
   return config

@@ -136,3 +136,81 @@ def test_bad_init_inputs_are_clear(public_model, tmp_path):
   config.train.trainable = ["no_such_param"]
   with pytest.raises(ValueError, match="match no parameter"):
     train(config, tmp_path / "c")
+
+
+def _largest_file(path):
+  return max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_resume_sets_aside_a_damaged_step_and_uses_the_previous_one(public_model, tmp_path,
+                                                                     caplog):
+  import logging
+  import shutil
+  config = expert_config(public_model, steps=8, log_every=2)
+  config.checkpoint.every = 2
+  config.checkpoint.keep = 3
+  config.eval.sources = {}
+  train(config, tmp_path)  # checkpoints 4, 6, 8
+  reference = tmp_path.parent / (tmp_path.name + "_reference_export")
+  shutil.move(tmp_path / "export", reference)
+  victim = _largest_file(tmp_path / "checkpoints" / "8")
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+  with caplog.at_level(logging.WARNING):
+    summary = train(config, tmp_path)
+  assert summary["step"] == 8
+  warned = "\n".join(r.getMessage() for r in caplog.records)
+  assert "checkpoint step 8" in warned and "set aside" in warned, warned
+  assert "resuming from step 6" in warned, warned
+  assert (tmp_path / "checkpoints" / "damaged" / "8-1").is_dir()  # kept, not deleted
+  manager = ckpt.make_manager(tmp_path, 2, 3)
+  assert manager.latest_step() == 8  # step 8 saved again by the resumed run
+  cfg = model_io.read_config(reference)
+  for a, b in zip(jax.tree.leaves(jax.device_get(model_io.load_params(reference, cfg))),
+                  jax.tree.leaves(jax.device_get(model_io.load_params(tmp_path / "export", cfg)))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_every_step_damaged_names_each_step(public_model, tmp_path):
+  config = expert_config(public_model, steps=4, log_every=2)
+  config.checkpoint.every = 2
+  config.eval.sources = {}
+  train(config, tmp_path)  # checkpoints 1 (orbax always saves the first), 2, 4
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  for step in steps:
+    victim = _largest_file(tmp_path / "checkpoints" / str(step))
+    victim.write_bytes(victim.read_bytes()[:7])
+  config.train.steps = 6
+  with pytest.raises(TrainingError, match=r"no checkpoint .* step 4: .*; step 2: ") as err:
+    train(config, tmp_path)
+  assert "not valid for value of size 7" in str(err.value)  # tensorstore's cause, not its spec
+  assert (tmp_path / "checkpoints" / "4").is_dir()  # nothing moved when none restores
+
+
+def test_resume_refuses_a_frozen_source_overwritten_in_place(public_model, tmp_path):
+  import shutil
+  from flexolmo_jax.storage import param_store
+  public = tmp_path / "public_export"
+  shutil.copytree(public_model["dir"], public)
+  config = expert_config(public_model, steps=2, log_every=1)
+  config.init.public = str(public)
+  config.eval.sources = {}
+  train(config, tmp_path / "work")
+  _, saved_meta = ckpt.restore_as_saved(ckpt.make_manager(tmp_path / "work", 1, 3), 2)
+  names = sorted(saved_meta["frozen_sha256"])
+  assert saved_meta["frozen_sha256"] == param_store.content_digest(public)
+
+  # Same path, shapes and meta.json (so the path/metadata fingerprint cannot tell); two tensors
+  # get new values: the refusal names the first of them in sorted order.
+  cfg = model_io.read_config(public)
+  params = jax.device_get(model_io.load_params(public, cfg))
+  flat = {".".join(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  first, later = names[len(names) // 2], names[-1]
+  changed = {first: flat[first] * 1.5, later: flat[later] + 1}
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: changed.get(".".join(k.key for k in path), x), params)
+  model_io.save_model_dir(public, params, cfg, model_io.read_meta(public), overwrite=True)
+  config.train.steps = 4
+  with pytest.raises(TrainingError, match=rf"frozen source .* changed .*tensor {first} "):
+    train(config, tmp_path / "work")

@@ -119,3 +119,55 @@ def test_sigterm_and_kill_9_then_rerun_is_bitwise_identical(public_model, tmp_pa
   for a, b in zip(jax.tree.leaves(_params(tmp_path / "ref" / "export")),
                   jax.tree.leaves(_params(work / "export"))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_to_one_of_two_processes_all_save_the_same_step(public_model, tmp_path):
+  # Each process: one CPU device, mesh data=2. The step delay keeps the run going long enough
+  # for the signal to land mid-training (tiny steps take milliseconds).
+  args = ["--config.train.steps=16", "--config.checkpoint.every=4", "--config.train.log_every=4",
+          "--config.model.dtype=float32", "--config.mesh.data=2", "--config.mesh.fsdp=1",
+          "--config.mesh.expert=1", "--config.eval.sources={}"]
+  env = dict(_env(), FLEXOLMO_TRAIN_STEP_DELAY="0.4")
+
+  def launch(workdir, n=2):
+    port = _free_port()
+    return [subprocess.Popen(
+        _cli(public_model, workdir, *args, f"--coordinator_address=127.0.0.1:{port}",
+             f"--num_processes={n}", f"--process_id={i}", "--cpu_devices=1"),
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(n)]
+
+  def finish(procs, timeout=240):
+    outs = []
+    for p in procs:
+      try:
+        outs.append(p.communicate(timeout=timeout)[0])
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        pytest.fail("a process hung (the others are killed)")
+    return outs
+
+  work = tmp_path / "interrupted"
+  procs = launch(work)
+  _wait_for_checkpoint(procs[0], work / "checkpoints", 4)
+  procs[1].send_signal(signal.SIGTERM)  # one host only
+  outs = finish(procs)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143, out[-3000:]
+  saved = [int(m) for out in outs for m in
+           __import__("re").findall(r"process \d preempted: saved step (\d+)", out)]
+  assert len(saved) == 2 and saved[0] == saved[1] < 16, saved
+  assert not (work / "export").exists()
+
+  ref_procs = launch(tmp_path / "ref")
+  for p, out in zip(ref_procs, finish(ref_procs)):
+    assert p.returncode == 0, out[-3000:]
+  procs = launch(work)
+  outs = finish(procs)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert f"resumed from step {saved[0]}" in outs[0]
+  for a, b in zip(jax.tree.leaves(_params(tmp_path / "ref" / "export")),
+                  jax.tree.leaves(_params(work / "export"))):
+    np.testing.assert_array_equal(a, b)

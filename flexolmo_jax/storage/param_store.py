@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import pathlib
@@ -258,6 +259,44 @@ class ParamReader:
       return codec, bytes(value.value)
     except Exception:  # any doubt: the caller decodes and compares values instead
       return None
+
+
+def content_digest(model_dir, moe: bool = False) -> dict[str, str]:
+  """sha256 of every tensor's values (raw little-endian bytes), streamed one piece at a time.
+
+  A stitched model's manifest.json already holds them (per shared tensor, and per expert slot
+  as 'name[:, slot]'): those are used as they are, so a 37B model is not read again. Otherwise
+  each tensor is read in its streamed pieces (`chunk_shape`: a function of the shape alone, so
+  re-saving the same values with other chunks gives the same digest), pieces in C order.
+  """
+  root = pathlib.Path(model_dir).absolute()
+  manifest = root / "manifest.json"
+  if manifest.is_file():
+    man = json.loads(manifest.read_text())
+    out = dict(man.get("shared_sha256", {}))
+    for rec in man.get("experts", []):
+      for name, h in rec.get("sha256", {}).items():
+        out[f"{name}[:, {rec['slot']}]"] = h
+    if out:
+      return dict(sorted(out.items()))
+  reader = ParamReader(root, moe=moe)
+  out = {}
+  for path in sorted(reader.paths):
+    shape, dtype = reader.shape_dtype(path)
+    h = hashlib.sha256()
+    for index in chunk_grid(shape, chunk_shape(path, shape, dtype.itemsize, moe)):
+      h.update(np.ascontiguousarray(reader.read(path, index)).view(np.uint8).reshape(-1).data)
+    reader.release(path)
+    out[leaf_name(path)] = h.hexdigest()
+  return out
+
+
+def first_digest_difference(saved: dict[str, str], now: dict[str, str]) -> str | None:
+  """The first tensor (sorted by name) whose digest differs, is missing or is new; or None."""
+  for name in sorted(set(saved) | set(now)):
+    if saved.get(name) != now.get(name):
+      return name
+  return None
 
 
 def describe_index(index) -> str:

@@ -71,6 +71,16 @@ def fingerprint(*parts) -> str:
   return h.hexdigest()[:16]
 
 
+def frozen_source(config) -> str | None:
+  """The model directory the stage's frozen leaves are rebuilt from on every start, if any."""
+  ic = config.init
+  if config.stage == "expert":
+    return str(ic.public) or None
+  if config.stage in ("public", "router"):
+    return str(ic.params) or None
+  return None
+
+
 def initial_params(config, cfg: ModelConfig, shardings, rng, mesh=None, rules=None):
   """Returns (params, provenance dict). Params are placed in `shardings` (on `mesh`)."""
   stage = config.stage

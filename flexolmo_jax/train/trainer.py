@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import time
 from typing import Any
@@ -26,7 +27,8 @@ from flexolmo_jax.parallel.chips import peak_flops_for
 from flexolmo_jax.parallel import (activation_sharding, fit_spec, logical_shardings, make_mesh,
                                    rules_from_config)
 from flexolmo_jax.storage import checkpoints as ckpt
-from flexolmo_jax.train.init import fingerprint, initial_params
+from flexolmo_jax.storage import param_store
+from flexolmo_jax.train.init import fingerprint, frozen_source, initial_params
 from flexolmo_jax.train.metrics import MetricWriter
 from flexolmo_jax.train.optim import make_optimizer
 from flexolmo_jax.train.partition import flatten, make_partition, sliced_shape
@@ -35,6 +37,7 @@ from flexolmo_jax.train.step import init_state, make_step_fn
 
 BATCH_KEYS = eval_steps.BATCH_KEYS
 EXIT_PREEMPTED = 143
+STEP_DELAY_ENV = "FLEXOLMO_TRAIN_STEP_DELAY"  # test hook: seconds to sleep per step (signals)
 
 
 class TrainingError(RuntimeError):
@@ -220,18 +223,42 @@ def train(config, workdir, devices=None) -> dict:
     meta = {"stage": config.stage, "model": cfg.to_dict(), "init": provenance,
             "init_fingerprint": fingerprint(provenance), "data": _data_fingerprint(config),
             "trainable": partition.describe()}
+    source = frozen_source(config)
+    if source and f_sh:
+      # Frozen leaves are rebuilt from `source` at every start, never checkpointed: a source
+      # overwritten in place (same path and meta.json) would silently change the frozen half
+      # of a resumed run. Its content digest goes in the checkpoint and is compared on resume.
+      source_cfg = model_io.read_config(source)
+      meta["frozen_sha256"] = param_store.content_digest(source, moe=source_cfg.is_moe)
 
     manager = ckpt.make_manager(workdir, config.checkpoint.every, config.checkpoint.keep,
                                 config.checkpoint.async_save)
-    latest = manager.latest_step()
-    if latest is not None:
-      state, saved_meta = ckpt.restore(manager, latest, ckpt.abstract_like(state))
+
+    def check_meta(step, saved_meta):
+      if "frozen_sha256" in meta and "frozen_sha256" in saved_meta:  # older ones have none
+        diff = param_store.first_digest_difference(saved_meta["frozen_sha256"],
+                                                   meta["frozen_sha256"])
+        if diff is not None:
+          raise TrainingError(
+              f"the frozen source {source} changed since {workdir} checkpointed step {step}: "
+              f"tensor {diff} has sha256 "
+              f"{(meta['frozen_sha256'].get(diff) or 'none')[:16]}..., the checkpoint was made "
+              f"with {(saved_meta['frozen_sha256'].get(diff) or 'none')[:16]}... Resuming would "
+              f"train against a different frozen model: restore the source or use a new "
+              f"--workdir.")
       for key in ("init_fingerprint", "data", "stage"):
         if saved_meta.get(key) != json.loads(json.dumps(meta[key])):
           raise TrainingError(
-              f"{workdir} holds a checkpoint (step {latest}) made with a different {key}: "
+              f"{workdir} holds a checkpoint (step {step}) made with a different {key}: "
               f"saved {saved_meta.get(key)!r}, now {meta[key]!r}. Use a new --workdir.")
-      logging.info("resumed from step %d", latest)
+
+    try:
+      resumed = ckpt.restore_latest(manager, ckpt.abstract_like(state), check_meta)
+    except ckpt.NoRestorableCheckpoint as e:
+      raise TrainingError(str(e)) from e
+    if resumed is not None:
+      state = resumed[1]
+      logging.info("resumed from step %d", resumed[0])
     start = int(jax.device_get(state["step"]))
 
     writer = MetricWriter(workdir, int(tc.steps), start)
@@ -247,6 +274,7 @@ def train(config, workdir, devices=None) -> dict:
                                int(config.seed), start_step=start,
                                num_threads=int(config.data.num_threads))
     batches = iter(loader)
+    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     t0, last_logged, last_metrics = time.perf_counter(), start, {}
     try:
       for step in range(start, int(tc.steps)):
@@ -254,8 +282,11 @@ def train(config, workdir, devices=None) -> dict:
         state, metrics = step_fn(state, frozen, batch)
         done = step + 1
         log_now = done % int(tc.log_every) == 0 or done == int(tc.steps)
-        save_now = manager.should_save(done) or done == int(tc.steps) or bool(preempt) \
-            or manager.reached_preemption(done)
+        if step_delay:
+          time.sleep(step_delay)
+        stop = ckpt.preemption_agreed(preempt, manager, done,
+                                      int(config.checkpoint.preemption_check_every))
+        save_now = manager.should_save(done) or done == int(tc.steps) or stop
         if log_now or save_now:
           m = jax.device_get(metrics)
           skipped = int(jax.device_get(state["skipped"]))
@@ -284,9 +315,11 @@ def train(config, workdir, devices=None) -> dict:
             t0, last_logged = time.perf_counter(), done
           if save_now:
             ckpt.save(manager, done, state, meta, force=True)
-        if preempt or manager.reached_preemption(done):
+        if stop:
           manager.wait_until_finished()
           writer.message(f"preempted: saved step {done}; rerun the same command to resume")
+          if jax.process_count() > 1:  # every host says which step it saved (the same one)
+            logging.warning("process %d preempted: saved step %d", jax.process_index(), done)
           raise Preempted()
       manager.wait_until_finished()
     finally:
