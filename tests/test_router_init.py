@@ -62,7 +62,7 @@ def test_self_embedding_batches_by_length_bucket_and_matches_one_by_one(public_m
 
   data, model_dir = public_model["data"], str(public_model["dir"])
   L = 256
-  docs = sample_documents(str(data / "math"), 12, 0) + sample_documents(str(data / "code"), 2, 0)
+  docs = sample_documents(str(data / "math"), 8, 0) + sample_documents(str(data / "code"), 1, 0)
   tok = load_tokenizer(str(data / "tokenizer.json"))
   lengths = {len(tok.encode(d).ids[:L]) for d in docs}
   assert len(lengths) > len(length_buckets(L))  # more distinct lengths than buckets
