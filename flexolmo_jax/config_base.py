@@ -87,9 +87,11 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
   config.data = ml_collections.ConfigDict(dict(root="", sources=(), tokenizer="", num_threads=2))
   config.init = ml_collections.ConfigDict(dict(params="", public="", public_embedding="",
                                                domain_embedding=""))
-  # preemption_check_every: multi-host runs agree on SIGTERM every N steps (a host sync).
+  # preemption_check_every: multi-host runs agree on SIGTERM every N steps. Each check is an
+  # all-gather whose result the host waits for, i.e. a point where dispatch stops running
+  # ahead of the device: not every step. A TPU VM's notice leaves ~30 s, many steps.
   config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
-                                                     preemption_check_every=1))
+                                                     preemption_check_every=10))
   config.eval = ml_collections.ConfigDict(dict(sources={}, global_batch_size=8))
   config.export = True
   return config

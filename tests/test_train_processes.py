@@ -126,7 +126,8 @@ def test_sigterm_to_one_of_two_processes_all_save_the_same_step(public_model, tm
   # for the signal to land mid-training (tiny steps take milliseconds).
   args = ["--config.train.steps=16", "--config.checkpoint.every=4", "--config.train.log_every=4",
           "--config.model.dtype=float32", "--config.mesh.data=2", "--config.mesh.fsdp=1",
-          "--config.mesh.expert=1", "--config.eval.sources={}"]
+          "--config.mesh.expert=1", "--config.eval.sources={}",
+          "--config.checkpoint.preemption_check_every=2"]
   env = dict(_env(), FLEXOLMO_TRAIN_STEP_DELAY="0.4")
 
   def launch(workdir, n=2):
