@@ -29,7 +29,6 @@ from flexolmo_jax.aot.hlo import collective_bytes
 from flexolmo_jax.aot.jaxpr_flops import matmul_flops
 from flexolmo_jax.model import abstract_params
 from flexolmo_jax.model.flops import forward_flops, train_flops
-from flexolmo_jax.model.layers import compiling_for
 from flexolmo_jax.parallel import make_mesh, param_shardings, rules_from_config
 
 GB = 1e9
@@ -70,6 +69,8 @@ def prepare_config(config, mode: str, n_devices: int, seq_len: int | None = None
   """A copy of `config` with a train block (stage defaults when missing) and the step shape."""
   config = config.copy_and_resolve_references()
   config.unlock()
+  # Kernels follow the config's platform: compile exactly what a TPU run would execute.
+  config.model.platform = "tpu"
   cfg = config_base.model_config(config)
   if "train" not in config:
     stage = "expert" if cfg.num_experts == 2 else ("router" if cfg.is_moe else "public")
@@ -120,7 +121,7 @@ def _trace(config, mode: str, mesh, shape: Shape):
 
 
 def _compile(config, mode, mesh, shape, with_jaxpr: bool = False):
-  with jax.set_mesh(mesh), compiling_for("tpu"):
+  with jax.set_mesh(mesh):
     traced = _trace(config, mode, mesh, shape)
     compiled = traced.lower().compile()
   return (compiled, traced.jaxpr) if with_jaxpr else compiled
@@ -163,7 +164,7 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
       "topology": topology, "slices": num_slices, "chip": chip.name, "chips": n, "mode": mode,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "global_batch": shape.batch,
       "seq_len": shape.seq_len, "hbm_gb": hbm / GB, "remat": cfg.remat_policy,
-      "dispatch": cfg.dispatch, "attention": getattr(cfg, "attention_impl", "xla"),
+      "dispatch": cfg.dispatch, "attention": cfg.attention,
   }
   log(f"compiling the {mode} step for {topology} ({n} x {chip.name}), mesh "
       f"{result['mesh']}, batch {shape.batch} x {shape.seq_len} ...")

@@ -11,6 +11,9 @@ import dataclasses
 from typing import Any, Mapping
 
 DISPATCH_MODES = ("dense", "capacity", "dropless")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
+GROUPED_MATMULS = ("auto", "ragged_dot", "megablox", "select")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -36,6 +39,13 @@ class ModelConfig:
   dispatch: str = "dense"
   capacity_factor: float = 1.25
   capacity_impl: str = "auto"  # einsum | gather | auto (einsum on TPU, gather elsewhere)
+  grouped_matmul: str = "auto"  # dropless kernel: auto | ragged_dot | megablox | select
+  # Kernels. Every choice is a field here (never global state), so a config says exactly
+  # what runs; "auto" choices follow `platform`, which the AOT planner sets to "tpu".
+  platform: str = "auto"  # auto (the backend the program runs on) | cpu | gpu | tpu
+  attention: str = "xla"  # xla (exact reference) | chunked | splash (TPU) | cudnn (GPU)
+  attention_chunk: int = 512  # key/query block of the chunked and splash kernels
+  logits_chunk: int = 0  # tokens per block of the chunked LM head + loss (0: full logits)
   # Numerics and compilation.
   dtype: str = "bfloat16"  # matmul operand / activation dtype
   param_dtype: str = "float32"
@@ -74,6 +84,13 @@ class ModelConfig:
       raise ValueError(f"dispatch {self.dispatch!r} not in {DISPATCH_MODES}")
     if self.capacity_impl not in ("auto", "einsum", "gather"):
       raise ValueError(f"capacity_impl {self.capacity_impl!r} not in (auto, einsum, gather)")
+    for name, allowed in (("platform", PLATFORMS), ("attention", ATTENTION_IMPLS),
+                          ("grouped_matmul", GROUPED_MATMULS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} {getattr(self, name)!r} not in {allowed}")
+    if self.attention_chunk < 1 or self.logits_chunk < 0:
+      raise ValueError(f"attention_chunk {self.attention_chunk} must be >= 1 and logits_chunk "
+                       f"{self.logits_chunk} >= 0")
     if not 1 <= self.scan_unroll:
       raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1")
     if self.remat_policy not in REMAT_POLICIES:
@@ -85,6 +102,14 @@ class ModelConfig:
   @property
   def is_moe(self) -> bool:
     return self.num_experts > 0
+
+  @property
+  def kernel_platform(self) -> str:
+    """The platform kernels are chosen for: `platform`, or the default backend for "auto"."""
+    if self.platform != "auto":
+      return self.platform
+    import jax  # only here: the config module itself stays importable without a backend
+    return jax.default_backend()
 
   @property
   def names(self) -> tuple[str, ...]:

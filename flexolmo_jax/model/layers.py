@@ -5,7 +5,6 @@ compute-dtype operands (bf16 by default) and fp32 accumulation.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -15,24 +14,6 @@ import jax.numpy as jnp
 from flexolmo_jax.model.config import ModelConfig
 
 Array = jax.Array
-
-
-_TARGET_PLATFORM: list[str] = []
-
-
-def target_platform() -> str:
-  """Platform the code is traced for: jax.default_backend(), unless `compiling_for` says
-  otherwise (ahead-of-time compilation for TPU from a CPU host picks TPU kernels)."""
-  return _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
-
-
-@contextlib.contextmanager
-def compiling_for(platform: str):
-  _TARGET_PLATFORM.append(platform)
-  try:
-    yield
-  finally:
-    _TARGET_PLATFORM.pop()
 
 
 def dtype_of(name: str):

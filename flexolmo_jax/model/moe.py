@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flexolmo_jax.model.config import ModelConfig
-from flexolmo_jax.model.layers import (Array, constrain, dot, dtype_of, param_with_axes,
-                                       target_platform)
+from flexolmo_jax.model.layers import Array, constrain, dot, dtype_of, param_with_axes
 
 
 def route(h: Array, w_router: Array, bias: Array | None, expert_mask: Array | None,
@@ -104,7 +103,7 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
   dt = dtype_of(cfg.dtype)
   impl = cfg.capacity_impl
   if impl == "auto":
-    impl = "einsum" if target_platform() == "tpu" else "gather"
+    impl = "einsum" if cfg.kernel_platform == "tpu" else "gather"
   b_idx = jnp.arange(B)[:, None, None]
   if impl == "einsum":
     slot = jax.nn.one_hot(jnp.where(keep, pos, -1), C, dtype=bool)[..., None, :]  # [B,T,k,1,C]
@@ -135,23 +134,32 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
   return y, dropped.astype(jnp.int32)
 
 
-def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str) -> Array:
   """[M, K] x [G, K, N] with rows grouped contiguously by `group_sizes` -> [M, N] (f32 acc).
 
-  Accelerators run `jax.lax.ragged_dot` (a real grouped-matmul kernel). XLA:CPU lowers
-  ragged_dot to a dense multiply against zero-masked rows, where 0 * NaN from another
-  group's weights leaks into every row; on CPU we therefore compute every group densely
-  and *select* each row's own group, which costs the same FLOPs as that fallback and keeps
-  an excluded expert's weights without any influence.
+  impl (cfg.grouped_matmul, "auto" resolved by `grouped_matmul_impl`):
+    ragged_dot  `jax.lax.ragged_dot`, a real grouped-matmul kernel on accelerators.
+    select      every group densely, then each row *selects* its own group. XLA:CPU lowers
+                ragged_dot to a dense multiply against zero-masked rows, where 0 * NaN from
+                another group's weights leaks into every row; selecting costs the same FLOPs
+                as that lowering and keeps an excluded expert's weights without influence.
   """
-  if target_platform() != "cpu":
+  if impl == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+  if impl != "select":
+    raise ValueError(f"grouped_matmul {impl!r} is not available here")
   ends = jnp.cumsum(group_sizes)
   row = jnp.arange(lhs.shape[0])
   group_of_row = jnp.searchsorted(ends, row, side="right")  # == G for rows past the last group
   out = jnp.einsum("mk,gkn->gmn", lhs, rhs, preferred_element_type=jnp.float32)
   own = jax.nn.one_hot(group_of_row, rhs.shape[0], dtype=bool).T  # [G, M]
   return jnp.sum(jnp.where(own[..., None], out, 0.0), axis=0)
+
+
+def grouped_matmul_impl(cfg: ModelConfig) -> str:
+  if cfg.grouped_matmul != "auto":
+    return cfg.grouped_matmul
+  return "select" if cfg.kernel_platform == "cpu" else "ragged_dot"
 
 
 def dispatch_dropless(h, w1, w3, w2, top_w, top_i, valid, cfg):
@@ -167,7 +175,7 @@ def dispatch_dropless(h, w1, w3, w2, top_w, top_i, valid, cfg):
   dt = dtype_of(cfg.dtype)
 
   def gmm(a, w):
-    return grouped_matmul(a.astype(dt), w.astype(dt), group_sizes)
+    return grouped_matmul(a.astype(dt), w.astype(dt), group_sizes, grouped_matmul_impl(cfg))
 
   a = nn.silu(gmm(x_sorted, w1)) * gmm(x_sorted, w3)
   o = gmm(a, w2)
