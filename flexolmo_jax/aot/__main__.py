@@ -6,7 +6,9 @@ r"""Plan a training or evaluation step on a TPU topology, from a CPU machine.
       --mode=eval --seq_len=4096 --global_batch_size=8 [--config.mesh.fsdp=-1 ...]
 
 Needs libtpu (`pip install -e '.[tpu]'`). Prints per-chip memory against the chip's HBM,
-the step's FLOPs and a roofline step time and MFU, then a one-line JSON summary.
+executed and model FLOPs, collective bytes by kind, a roofline step time (a lower bound) and
+an MFU estimate calibrated on one measured anchor (aot/calibration.py), then a one-line JSON
+summary.
 Exit status: 0 fits, 1 does not fit, 2 usage or setup error.
 """
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""Collective traffic of a compiled (optimised, SPMD-partitioned) HLO module, from its text.
+"""Facts read off a compiled (optimised, SPMD-partitioned) HLO module's text.
 
-Each collective's bytes moved per chip is estimated from its printed result shape and its
-replica-group size n: all-gather out*(n-1)/n, reduce-scatter out*(n-1), all-reduce
+Collectives: each one's bytes moved per chip is estimated from its printed result shape and
+its replica-group size n: all-gather out*(n-1)/n, reduce-scatter out*(n-1), all-reduce
 2*size*(n-1)/n, all-to-all size*(n-1)/n, collective-permute size. Loops are not unrolled
 here: the planner applies this to fully unrolled 2- and 3-layer programs and extrapolates.
+
+Buffers: the largest materialised array (an instruction outside fused computations, not a
+parameter, tuple or alias) shaped like attention scores [..., T, T] and like logits
+[..., V / s] (V the vocabulary, s a shard count of the mesh). A heuristic attribution of
+the compiled temporaries (XLA's memory analysis gives only their total): it names the
+buffer that chunked attention and a chunked LM head remove, not how many are live at once.
 """
 from __future__ import annotations
 
@@ -13,10 +19,15 @@ import re
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "f8e4m3fn": 1,
                 "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
-_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_LINE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(_OPS)
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_LINE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(KINDS)
                    + r")(?P<start>-start)?\(")
 _ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>[a-z0-9]+\[[0-9,]*\])\S*\s+"
+                          r"(?P<op>[a-z\-]+)\(")
+_CALLS = re.compile(r"\bfusion\(.*?calls=%(?P<callee>[^\s,)]+)")
+_ALIASES = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")
 
 
 def _array_bytes(shape_text: str) -> list[float]:
@@ -45,8 +56,8 @@ def _group_size(line: str, default: int) -> int:
 
 
 def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
-  """Estimated bytes each chip sends, by collective kind (and 'total')."""
-  out = {op: 0.0 for op in _OPS}
+  """Estimated bytes each chip sends, by collective kind (and 'total', their sum)."""
+  out = {op: 0.0 for op in KINDS}
   for line in hlo_text.splitlines():
     m = _LINE.match(line)
     if not m:
@@ -64,5 +75,43 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
              "all-reduce": 2 * size * frac, "all-to-all": size * frac,
              "collective-permute": size}[op]
     out[op] += moved
-  out["total"] = sum(out[op] for op in _OPS)
+  out["total"] = sum(out[op] for op in KINDS)
   return out
+
+
+def _materialised(hlo_text: str):
+  """(dtype, dims) of every instruction that owns a buffer, outside fused computations."""
+  fused = set(_CALLS.findall(hlo_text))
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group("name")
+      continue
+    if current in fused:
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m or m.group("op") in _ALIASES:
+      continue
+    dtype, dims = _ARRAY.match(m.group("shape")).groups()
+    if dtype in _DTYPE_BYTES:
+      yield dtype, tuple(int(d) for d in dims.split(",") if d)
+
+
+def largest_buffers(hlo_text: str, seq_len: int, vocab_dims) -> dict[str, float]:
+  """Bytes of the largest attention-score-shaped and logits-shaped buffers (module doc).
+
+  vocab_dims: the per-chip sizes the vocabulary axis can have (V over each shard count the
+  mesh allows), so that an unrelated last dimension that happens to divide V does not count.
+  """
+  vocab_dims = set(vocab_dims)
+  scores = logits = 0.0
+  for dtype, dims in _materialised(hlo_text):
+    size = math.prod(dims) * _DTYPE_BYTES[dtype]
+    if len(dims) >= 3 and dims[-1] == dims[-2] == seq_len:
+      scores = max(scores, size)
+    # A logits block [..., tokens, V / s]: rank >= 3, so a gathered [d, V] weight (or its
+    # gradient) does not count.
+    if len(dims) >= 3 and dims[-1] in vocab_dims:
+      logits = max(logits, size)
+  return {"attention_scores": scores, "logits": logits}

@@ -1,16 +1,27 @@
 """Compile the real training or evaluation step for a TPU topology on this (CPU) host.
 
-Memory: the compiled program itself (XLA's buffer assignment for one chip).
-FLOPs: every matmul of the traced step (jaxpr_flops.py: backward and rematerialisation
-included, scan bodies times their length), divided over the chips. XLA's own cost analysis
-is not used for FLOPs: it counts a loop body once and its TPU FLOP attribution varies with
-the sharding.
-HBM and collective bytes: XLA's cost analysis and the HLO of fully unrolled 2- and 3-layer
-variants of the same step, extrapolated to L layers: cost(L) = cost(2) + (L - 2) *
-(cost(3) - cost(2)). (Not from 1 layer: unrolled, a single rematerialised layer gets its
-recomputation merged away by CSE; from two layers on the cost is affine in L.)
-Roofline step time: max(FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes / ICI
-bandwidth); MFU = model FLOPs (flops.py: 3 x forward for training) / (step x peak x chips).
+What a plan reports, per chip unless said otherwise:
+- Memory: XLA's buffer assignment of the compiled program (arguments, temporaries, outputs,
+  aliased = donated inputs reused for outputs, code); the largest attention-score-shaped and
+  logits-shaped temporaries are read off the HLO (hlo.py, a heuristic attribution).
+- Executed FLOPs, two counts of what the compiled step does (remat and backward included):
+  `executed_flops_per_chip`, the traced step's matmuls (jaxpr_flops.py: exact for XLA ops,
+  scan bodies times their length, Pallas kernels per grid step), and `xla_flops_per_chip`,
+  XLA's own cost analysis (all ops, fused; it skips Pallas kernels without a cost estimate).
+- Model FLOPs: MaxText's definition (model/flops.py: 6N + causal attention for training,
+  2N + attention for evaluation, frozen weights counted as trained), and executed / model.
+- HBM and collective bytes (by kind: all-gather, reduce-scatter, all-reduce, all-to-all,
+  collective-permute): XLA's cost analysis and the HLO of fully unrolled 2- and 3-layer
+  variants of the same step, extrapolated to L layers: cost(L) = cost(2) + (L - 2) *
+  (cost(3) - cost(2)). (Not from 1 layer: unrolled, a single rematerialised layer gets its
+  recomputation merged away by CSE; from two layers on the cost is affine in L.) XLA's
+  FLOP count is extrapolated the same way (it counts a loop body once).
+- Roofline step: max(executed FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes /
+  ICI bandwidth), a lower bound on the step time. Model FLOPs over it would be an upper
+  bound on MFU, not a prediction; the MFU this planner prints is calibrated on a measured
+  anchor instead (calibration.py: MaxText's Mixtral-8x7B on v5p-128).
+A program that does not fit HBM still gets its FLOPs (from the trace) and, when the unrolled
+variants compile, its roofline.
 """
 from __future__ import annotations
 
@@ -25,10 +36,11 @@ import jax
 
 from flexolmo_jax import config_base
 from flexolmo_jax.parallel.chips import Chip, chip_for
-from flexolmo_jax.aot.hlo import collective_bytes
-from flexolmo_jax.aot.jaxpr_flops import matmul_flops
+from flexolmo_jax.aot import calibration
+from flexolmo_jax.aot.hlo import KINDS, collective_bytes, largest_buffers
+from flexolmo_jax.aot.jaxpr_flops import matmul_flops_detail
 from flexolmo_jax.model import abstract_params
-from flexolmo_jax.model.flops import forward_flops, train_flops
+from flexolmo_jax.model.flops import model_flops
 from flexolmo_jax.parallel import make_mesh, param_shardings, rules_from_config
 
 GB = 1e9
@@ -120,22 +132,41 @@ def _trace(config, mode: str, mesh, shape: Shape):
   return fn.trace(params, steps.abstract_batch(mesh, rules, shape.batch, shape.seq_len), mask)
 
 
-def _compile(config, mode, mesh, shape, with_jaxpr: bool = False):
+def _compile_traced(traced):
+  return traced.lower().compile()
+
+
+def _compile(config, mode, mesh, shape):
   with jax.set_mesh(mesh):
-    traced = _trace(config, mode, mesh, shape)
-    compiled = traced.lower().compile()
-  return (compiled, traced.jaxpr) if with_jaxpr else compiled
+    return _compile_traced(_trace(config, mode, mesh, shape))
 
 
-_OOM = re.compile(r"Used ([0-9.]+)([GMK])? of ([0-9.]+)([GMK])? hbm", re.I)
+# The TPU compiler's out-of-memory messages (two spellings seen in libtpu 0.0.4x).
+_OOM = (re.compile(r"Used ([0-9.]+)([TGMK])? of ([0-9.]+)([TGMK])? hbm", re.I),
+        re.compile(r"memory required for HLO temporaries \(([0-9.]+)([TGMK])?\) exceeds "
+                   r"available HBM \(([0-9.]+)([TGMK])?\)", re.I))
+_UNIT = {"T": 2 ** 40, "G": 2 ** 30, "M": 2 ** 20, "K": 2 ** 10, None: 1}
 
 
-def _parse_oom(message: str) -> tuple[float, float] | None:
-  m = _OOM.search(message)
-  if not m:
-    return None
-  unit = {"G": 2 ** 30, "M": 2 ** 20, "K": 2 ** 10, None: 1}
-  return float(m.group(1)) * unit[m.group(2)], float(m.group(3)) * unit[m.group(4)]
+def _parse_oom(message: str) -> tuple[float, float, str] | None:
+  """(bytes needed, bytes available, what was counted) from a compiler OOM, or None."""
+  for what, pattern in zip(("total", "temporaries"), _OOM):
+    m = pattern.search(message)
+    if m:
+      return (float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)],
+              what)
+  return None
+
+
+def _try_compile(fn):
+  """(compiled, None), or (None, parsed OOM) when the program does not fit HBM."""
+  try:
+    return fn(), None
+  except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+    oom = _parse_oom(str(e))
+    if oom is None:
+      raise
+    return None, (oom, str(e).splitlines()[0][:500])
 
 
 def _costs(compiled, n_devices: int) -> dict[str, float]:
@@ -143,7 +174,45 @@ def _costs(compiled, n_devices: int) -> dict[str, float]:
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   coll = collective_bytes(compiled.as_text(), n_devices)
   return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
-          "collective_bytes": coll["total"]}
+          **{f"coll:{k}": coll[k] for k in (*KINDS, "total")}}
+
+
+def _vocab_dims(vocab: int, mesh) -> set[int]:
+  """V over every product of mesh axis sizes: the per-chip vocab sizes a sharding can give."""
+  counts = {1}
+  for size in mesh.shape.values():
+    counts |= {c * size for c in counts}
+  return {vocab // c for c in counts if vocab % c == 0}
+
+
+def _memory(compiled) -> dict[str, float]:
+  ma = compiled.memory_analysis()
+  total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+           + ma.generated_code_size_in_bytes - ma.alias_size_in_bytes)
+  return {"arguments_gb": ma.argument_size_in_bytes / GB, "outputs_gb": ma.output_size_in_bytes / GB,
+          "temporaries_gb": ma.temp_size_in_bytes / GB, "aliased_gb": ma.alias_size_in_bytes / GB,
+          "code_gb": ma.generated_code_size_in_bytes / GB, "total_gb": total / GB}
+
+
+def _extrapolated_costs(config, mode, mesh, shape, n, log):
+  """Costs of all L layers from unrolled variants (module doc); None if one does not fit."""
+  L = config_base.model_config(config).n_layers
+  depths = (L,) if L <= 3 else (2, 3)
+  log(f"compiling unrolled {' and '.join(map(str, depths))}-layer variant(s) for HBM and "
+      "collective bytes ...")
+  costs = []
+  for depth in depths:
+    compiled, oom = _try_compile(lambda: _compile(_layer_variant(config, depth), mode, mesh,
+                                                  shape))
+    if compiled is None:
+      log(f"  the {depth}-layer variant does not fit HBM either: no HBM / ICI estimate")
+      return None
+    costs.append(_costs(compiled, n))
+    del compiled
+  if len(costs) == 1:
+    return costs[0]
+  c2, c3 = costs
+  return {k: c2[k] + (L - 2) * (c3[k] - c2[k]) for k in c2}
 
 
 def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = None,
@@ -162,84 +231,118 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
   hbm = hbm_gb * GB if hbm_gb else chip.hbm_bytes
   result: dict[str, Any] = {
       "topology": topology, "slices": num_slices, "chip": chip.name, "chips": n, "mode": mode,
+      "stage": config.get("stage") if mode == "train" else None,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "global_batch": shape.batch,
-      "seq_len": shape.seq_len, "hbm_gb": hbm / GB, "remat": cfg.remat_policy,
-      "dispatch": cfg.dispatch, "attention": cfg.attention,
+      "seq_len": shape.seq_len, "n_layers": cfg.n_layers, "hbm_gb": hbm / GB,
+      "peak_flops": chip.peak_flops, "remat": cfg.remat_policy, "dispatch": cfg.dispatch,
+      "attention": cfg.attention, "logits_chunk": cfg.logits_chunk,
   }
   log(f"compiling the {mode} step for {topology} ({n} x {chip.name}), mesh "
       f"{result['mesh']}, batch {shape.batch} x {shape.seq_len} ...")
   t0 = time.time()
-  try:
-    compiled, jaxpr = _compile(config, mode, mesh, shape, with_jaxpr=True)
-  except Exception as e:  # the TPU compiler refuses programs that exceed HBM
-    used = _parse_oom(str(e))
-    if used is None:
-      raise
-    result.update(fits=False, total_gb=used[0] / GB, compiler_hbm_gb=used[1] / GB,
-                  error=str(e).splitlines()[0][:500], compile_s=time.time() - t0)
-    return result
+  with jax.set_mesh(mesh):
+    traced = _trace(config, mode, mesh, shape)
+    # Executed matmuls come from the trace, so they exist even when the program cannot fit.
+    executed = matmul_flops_detail(traced.jaxpr)
+    compiled, oom = _try_compile(lambda: _compile_traced(traced))
+  del traced
   result["compile_s"] = time.time() - t0
-  ma = compiled.memory_analysis()
-  mem = {"arguments_gb": ma.argument_size_in_bytes / GB, "outputs_gb": ma.output_size_in_bytes / GB,
-         "temporaries_gb": ma.temp_size_in_bytes / GB, "aliased_gb": ma.alias_size_in_bytes / GB,
-         "code_gb": ma.generated_code_size_in_bytes / GB}
-  total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-           + ma.generated_code_size_in_bytes - ma.alias_size_in_bytes)
-  result.update(mem, total_gb=total / GB, fits=total <= hbm)
-
-  model_flops = (train_flops if mode == "train" else forward_flops)(cfg, shape.batch,
-                                                                    shape.seq_len)
-  flops = matmul_flops(jaxpr) / n
-  result.update(model_flops=model_flops, flops_per_chip=flops)
-  if extrapolate:
-    L = cfg.n_layers
-    if L <= 3:
-      log(f"compiling the {L} layers unrolled for HBM and collective bytes ...")
-      costs = _costs(_compile(_layer_variant(config, L), mode, mesh, shape), n)
-    else:
-      log("compiling unrolled 2- and 3-layer variants for HBM and collective bytes ...")
-      c2 = _costs(_compile(_layer_variant(config, 2), mode, mesh, shape), n)
-      c3 = _costs(_compile(_layer_variant(config, 3), mode, mesh, shape), n)
-      costs = {k: c2[k] + (L - 2) * (c3[k] - c2[k]) for k in c2}
+  if compiled is None:
+    (needed, available, what), message = oom
+    result.update(fits=False, total_gb=needed / GB, compiler_hbm_gb=available / GB,
+                  compiler_counted=what, error=message)
+    if what == "temporaries":
+      result["temporaries_gb"] = needed / GB
   else:
-    costs = _costs(compiled, n)
-  t_compute = flops / chip.peak_flops
-  t_hbm = costs["bytes"] / chip.hbm_bw
-  t_ici = costs["collective_bytes"] / chip.ici_bw
-  step = max(t_compute, t_hbm, t_ici)
-  bound = ("compute", "HBM bandwidth", "ICI")[[t_compute, t_hbm, t_ici].index(step)]
-  no_overlap = max(t_compute, t_hbm) + t_ici
+    result.update(_memory(compiled))
+    result["fits"] = result["total_gb"] * GB <= hbm
+    buffers = largest_buffers(compiled.as_text(), shape.seq_len,
+                              _vocab_dims(cfg.vocab_size, mesh))
+    result.update(largest_scores_gb=buffers["attention_scores"] / GB,
+                  largest_logits_gb=buffers["logits"] / GB)
+
+  model = model_flops(cfg, shape.batch, shape.seq_len, mode)
   result.update(
-      xla_flops_per_chip=costs["flops"], hbm_bytes_per_chip=costs["bytes"],
-      collective_bytes_per_chip=costs["collective_bytes"],
-      t_compute_s=t_compute, t_hbm_s=t_hbm, t_ici_s=t_ici, step_s=step, bound=bound,
-      mfu=model_flops / (step * chip.peak_flops * n),
-      mfu_no_overlap=model_flops / (no_overlap * chip.peak_flops * n),
-      tokens_per_s=shape.batch * shape.seq_len / step)
+      model_flops=model, model_flops_per_chip=model / n,
+      executed_flops_per_chip=executed["total"] / n,
+      pallas_flops_per_chip=executed["pallas"] / n,
+      executed_over_model=executed["total"] / model)
+
+  if extrapolate:
+    costs = _extrapolated_costs(config, mode, mesh, shape, n, log)
+  else:
+    costs = _costs(compiled, n) if compiled is not None else None
+  del compiled
+  t_compute = result["executed_flops_per_chip"] / chip.peak_flops
+  times = {"compute": t_compute}
+  if costs is not None:
+    result.update(
+        xla_flops_per_chip=costs["flops"], xla_flops_extrapolated=extrapolate,
+        hbm_bytes_per_chip=costs["bytes"],
+        collectives_per_chip={k: costs[f"coll:{k}"] for k in (*KINDS, "total")},
+        collective_bytes_per_chip=costs["coll:total"])
+    times["HBM bandwidth"] = costs["bytes"] / chip.hbm_bw
+    times["ICI"] = costs["coll:total"] / chip.ici_bw
+  step = max(times.values())
+  result.update(
+      t_compute_s=t_compute, t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
+      roofline_step_s=step, bound=max(times, key=times.get),
+      roofline_complete=costs is not None,
+      roofline_tokens_per_s=shape.batch * shape.seq_len / step,
+      # An upper bound (module doc); kept for the calibration, never printed as an MFU.
+      roofline_mfu_bound=model / (step * chip.peak_flops * n))
+  result.update(calibration.calibrate(result))
   return result
+
+
+def _gb(x: float) -> str:
+  return f"{x:.3g} GB"
 
 
 def report(r: dict[str, Any]) -> str:
   lines = [f"{r['mode']} step on {r['topology']} ({r['chips']} x {r['chip']}), mesh {r['mesh']}, "
-           f"batch {r['global_batch']} x {r['seq_len']}, remat {r['remat']}, "
-           f"dispatch {r['dispatch']}"]
+           f"batch {r['global_batch']} x {r['seq_len']}, {r['n_layers']} layers, remat "
+           f"{r['remat']}, dispatch {r['dispatch']}, attention {r['attention']}, logits_chunk "
+           f"{r['logits_chunk']}" + (f", stage {r['stage']}" if r.get("stage") else "")]
   if "arguments_gb" in r:
-    lines.append(f"  per-chip memory: arguments {r['arguments_gb']:.2f} GB, temporaries "
-                 f"{r['temporaries_gb']:.2f} GB, outputs {r['outputs_gb']:.2f} GB, aliased "
-                 f"(donated) {r['aliased_gb']:.2f} GB, code {r['code_gb']:.3f} GB")
+    lines.append(f"  per-chip memory: arguments {_gb(r['arguments_gb'])}, temporaries "
+                 f"{_gb(r['temporaries_gb'])}, outputs {_gb(r['outputs_gb'])}, aliased "
+                 f"(donated) {_gb(r['aliased_gb'])}, code {_gb(r['code_gb'])}")
+    lines.append(f"  largest single temporaries (by HLO shape): attention scores "
+                 f"{_gb(r['largest_scores_gb'])}, logits {_gb(r['largest_logits_gb'])}")
   verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-  lines.append(f"  total {r['total_gb']:.2f} GB of {r['hbm_gb']:.1f} GB HBM per chip: {verdict}")
+  what = " (compiler's count of the temporaries alone)" if r.get("compiler_counted") == \
+      "temporaries" else ""
+  lines.append(f"  total {_gb(r['total_gb'])}{what} of {r['hbm_gb']:.1f} GB HBM per chip: "
+               f"{verdict}")
   if "error" in r:
     lines.append(f"  compiler: {r['error']}")
-  if "flops_per_chip" in r:
-    lines.append(f"  matmul FLOPs per chip per step {r['flops_per_chip']:.3e} (the traced step, "
-                 f"incl. backward and recomputation); model FLOPs {r['model_flops']:.3e} per "
-                 f"step on all chips ({'6' if r['mode'] == 'train' else '2'}N + attention)")
-    lines.append(f"  HBM traffic per chip {r['hbm_bytes_per_chip'] / GB:.1f} GB, collectives "
-                 f"{r['collective_bytes_per_chip'] / GB:.2f} GB per chip (XLA, all layers)")
-    lines.append(f"  roofline: compute {r['t_compute_s'] * 1e3:.1f} ms, HBM {r['t_hbm_s'] * 1e3:.1f} ms,"
-                 f" ICI {r['t_ici_s'] * 1e3:.1f} ms -> step {r['step_s'] * 1e3:.1f} ms "
-                 f"({r['bound']}-bound), {r['tokens_per_s']:,.0f} tokens/s")
-    lines.append(f"  estimated MFU {100 * r['mfu']:.1f}% (roofline: an upper bound, collectives "
-                 f"overlapped), {100 * r['mfu_no_overlap']:.1f}% if collectives are not overlapped")
+  convention = "6N + causal attention" if r["mode"] == "train" else "2N + causal attention"
+  lines.append(f"  FLOPs per chip per step: executed {r['executed_flops_per_chip']:.3e} (traced "
+               f"matmuls, remat and backward included; {r['pallas_flops_per_chip']:.2e} in "
+               f"Pallas kernels), model {r['model_flops_per_chip']:.3e} (MaxText: "
+               f"{convention}); executed / model {r['executed_over_model']:.2f}")
+  if "xla_flops_per_chip" in r:
+    how = "extrapolated from unrolled variants" if r["xla_flops_extrapolated"] else \
+        "loop bodies counted once"
+    lines.append(f"  XLA cost analysis: {r['xla_flops_per_chip']:.3e} FLOPs per chip ({how}), "
+                 f"HBM traffic {_gb(r['hbm_bytes_per_chip'] / GB)}")
+    c = r["collectives_per_chip"]
+    kinds = ", ".join(f"{k} {_gb(c[k] / GB)}" for k in KINDS if c[k])
+    lines.append(f"  collectives per chip per step {_gb(c['total'] / GB)}"
+                 + (f": {kinds}" if kinds else ""))
+    lines.append(f"  roofline (a lower bound): compute {r['t_compute_s'] * 1e3:.1f} ms, HBM "
+                 f"{r['t_hbm_s'] * 1e3:.1f} ms, ICI {r['t_ici_s'] * 1e3:.1f} ms -> "
+                 f"{r['roofline_step_s'] * 1e3:.1f} ms ({r['bound']}-bound)")
+  else:
+    lines.append(f"  roofline (a lower bound, compute only: no HBM / ICI estimate): "
+                 f"{r['roofline_step_s'] * 1e3:.1f} ms")
+  if r.get("calibrated_mfu") is not None:
+    a = calibration.ANCHOR
+    lines.append(f"  estimated MFU {100 * r['calibrated_mfu']:.1f}% (step "
+                 f"{r['calibrated_step_s'] * 1e3:.0f} ms): the roofline step / "
+                 f"{r['efficiency']:.3f}, an efficiency calibrated on ONE anchor, {a['name']} "
+                 f"at {100 * a['mfu']:.1f}% measured (52.6% on v5p-256, 35.2% on v6e-256)")
+  else:
+    lines.append("  no MFU estimate: the planner's anchor (aot/calibration.py) is not set")
   return "\n".join(lines)

@@ -3,6 +3,8 @@
 Every evaluation in the project goes through `token_scores` (the forward pass + per-token
 cross-entropy of the targets): training's validation loss, `python -m flexolmo_jax.evaluate`,
 the merging baselines, the demo and the AOT planner (which lowers the same loss step for TPU).
+With `cfg.logits_chunk > 0` the head + cross-entropy run in blocks (train/losses.py), so no
+step here materialises [B, T, V] logits; none of them returns logits.
 
     loss step      (params, batch, expert_mask) -> summed token loss, token count, and the
                    number of (valid) tokens each expert received in each layer [L, E]
@@ -24,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexolmo_jax.model import FlexOlmo, ModelConfig
 from flexolmo_jax.parallel import activation_sharding
-from flexolmo_jax.train.losses import token_losses
+from flexolmo_jax.train.losses import model_token_losses
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask")
 BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
@@ -38,23 +40,25 @@ def routed_tokens(state, cfg: ModelConfig):
   return jnp.stack([inter[f"layers_{i}"]["mlp"]["routed"][0] for i in range(cfg.n_layers)])
 
 
-def _apply(cfg, rules, params, ids, expert_mask, routing: bool):
+def _apply(cfg, params, ids, expert_mask, routing: bool):
+  """(logits, or the normed hidden state when cfg.logits_chunk > 0; routed or None)."""
   model = FlexOlmo(cfg)
-  with nn.logical_axis_rules(rules):
-    if routing and cfg.is_moe:
-      (logits, _, _), state = model.apply({"params": params}, ids, expert_mask=expert_mask,
-                                          mutable=["intermediates"])
-      return logits, routed_tokens(state, cfg)
-    logits, _, _ = model.apply({"params": params}, ids, expert_mask=expert_mask)
-    return logits, None
+  kw = dict(expert_mask=expert_mask, return_logits=not cfg.logits_chunk)
+  if routing and cfg.is_moe:
+    (out, _, _), state = model.apply({"params": params}, ids, mutable=["intermediates"], **kw)
+    return out, routed_tokens(state, cfg)
+  out, _, _ = model.apply({"params": params}, ids, **kw)
+  return out, None
 
 
 def token_scores(cfg: ModelConfig, rules, params, batch, expert_mask=None,
-                 routing: bool = False):
-  """(per-token cross-entropy [B, T] fp32, logits, routed [L, B, T, E] or None)."""
-  logits, routed = _apply(cfg, rules, params, batch["input_ids"], expert_mask, routing)
-  ce, _ = token_losses(logits, batch["targets"])
-  return ce, logits, routed
+                 routing: bool = False, argmax: bool = False):
+  """(per-token cross-entropy [B, T] fp32, the greedy token [B, T] int32 with `argmax` (else
+  None), routed [L, B, T, E] or None)."""
+  with nn.logical_axis_rules(rules):  # the chunked head's constraints need the rules too
+    out, routed = _apply(cfg, params, batch["input_ids"], expert_mask, routing)
+    ce, _, *top = model_token_losses(cfg, params, out, batch["targets"], argmax)
+  return ce, (top[0] if argmax else None), routed
 
 
 def make_loss_fn(cfg: ModelConfig, rules, routing: bool = True):
@@ -72,10 +76,10 @@ def make_loss_fn(cfg: ModelConfig, rules, routing: bool = True):
 
 def make_score_fn(cfg: ModelConfig, rules):
   def fn(params, batch, expert_mask=None):
-    ce, logits, _ = token_scores(cfg, rules, params, batch, expert_mask)
+    ce, top, _ = token_scores(cfg, rules, params, batch, expert_mask, argmax=True)
     mask = batch["loss_mask"] > 0
     loglik = jnp.sum(jnp.where(mask, -ce, 0.0), axis=1)
-    greedy = jnp.all(~mask | (jnp.argmax(logits, axis=-1) == batch["targets"]), axis=1)
+    greedy = jnp.all(~mask | (top == batch["targets"]), axis=1)
     return {"loglik": loglik, "greedy": greedy}
 
   return fn

@@ -67,10 +67,12 @@ class Model:
     return np.asarray(out, np.float32)
 
 
-def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
+def load(path, exclude: Sequence[str] = (), attention: str | None = None, **overrides) -> Model:
   """Load a model directory / training workdir / imported HF model.
 
   exclude: expert names to opt out of (unknown names raise UnknownExpertError).
+  attention: the attention kernel, overriding the stored config's (xla | chunked | splash |
+  cudnn; model/attention.py); None keeps it.
   overrides: ModelConfig fields that do not change parameter shapes, e.g. dtype="float32"
   (compute precision) or dispatch="capacity".
 
@@ -86,6 +88,8 @@ def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
   if isinstance(exclude, str):
     exclude = [n for n in exclude.split(",") if n]
   src = resolve(path, "model")
+  if attention is not None:
+    overrides = dict(overrides, attention=attention)
   cfg = src.cfg.replace(**overrides) if overrides else src.cfg
   if not model_io.same_architecture(cfg, src.cfg):
     raise ValueError(f"overrides {overrides} change parameter shapes; only numerics/dispatch "
@@ -102,9 +106,10 @@ def load(path, exclude: Sequence[str] = (), **overrides) -> Model:
   return Model(src.model_dir, cfg, params, exclude, src.meta, manifest)
 
 
-def load_model(path, mesh, rules, **overrides):
+def load_model(path, mesh, rules, attention: str | None = None, **overrides):
   """(cfg, params) of a model directory, params restored straight into their shardings.
 
+  attention: the attention kernel (None: the stored config's), as in `load`.
   overrides: ModelConfig fields that do not change parameter shapes (dispatch, dtype, ...).
   """
   from flexolmo_jax.parallel import param_shardings
@@ -112,7 +117,7 @@ def load_model(path, mesh, rules, **overrides):
   from flexolmo_jax.storage.sources import resolve_model_dir
   path = resolve_model_dir(path)
   cfg = model_io.read_config(path)
-  overrides = {k: v for k, v in overrides.items() if v is not None}
+  overrides = {k: v for k, v in dict(overrides, attention=attention).items() if v is not None}
   if overrides:
     cfg = cfg.replace(**overrides)
   params = model_io.load_params(path, cfg, shardings=param_shardings(cfg, mesh, rules))

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 DISPATCH_MODES = ("dense", "capacity", "dropless")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
-GROUPED_MATMULS = ("auto", "ragged_dot", "megablox", "select")
+GROUPED_MATMULS = ("auto", "ragged_dot", "megablox", "tiled", "select")
+MOE_TRANSPORTS = ("auto", "ragged", "all_to_all")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -40,6 +41,9 @@ class ModelConfig:
   capacity_factor: float = 1.25
   capacity_impl: str = "auto"  # einsum | gather | auto (einsum on TPU, gather elsewhere)
   grouped_matmul: str = "auto"  # dropless kernel: auto | ragged_dot | megablox | select
+  # Expert-parallel dropless token exchange (mesh expert axis > 1): auto (all_to_all on CPU,
+  # which has no ragged kernel; ragged elsewhere) | ragged (ragged_all_to_all) | all_to_all.
+  moe_transport: str = "auto"
   # Kernels. Every choice is a field here (never global state), so a config says exactly
   # what runs; "auto" choices follow `platform`, which the AOT planner sets to "tpu".
   platform: str = "auto"  # auto (the backend the program runs on) | cpu | gpu | tpu
@@ -85,7 +89,8 @@ class ModelConfig:
     if self.capacity_impl not in ("auto", "einsum", "gather"):
       raise ValueError(f"capacity_impl {self.capacity_impl!r} not in (auto, einsum, gather)")
     for name, allowed in (("platform", PLATFORMS), ("attention", ATTENTION_IMPLS),
-                          ("grouped_matmul", GROUPED_MATMULS)):
+                          ("grouped_matmul", GROUPED_MATMULS),
+                          ("moe_transport", MOE_TRANSPORTS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} {getattr(self, name)!r} not in {allowed}")
     if self.attention_chunk < 1 or self.logits_chunk < 0:

@@ -5,12 +5,14 @@ compute-dtype operands (bf16 by default) and fp32 accumulation.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flexolmo_jax.model.attention import attend, attend_cached
 from flexolmo_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -26,10 +28,62 @@ def param_with_axes(module: nn.Module, name: str, shape, axes, init, cfg: ModelC
                       dtype_of(cfg.param_dtype))
 
 
+def _einsum_grad_specs(spec: str):
+  """(d_lhs spec, d_rhs spec) of a two-operand einsum "ab,bc->ac", or None when a gradient
+  is not itself an einsum of the other two (an index summed within one operand, '...')."""
+  if "..." in spec or "->" not in spec:
+    return None
+  ins, out = spec.replace(" ", "").split("->")
+  parts = ins.split(",")
+  if len(parts) != 2:
+    return None
+  a, b = parts
+  if any(len(set(t)) != len(t) for t in (a, b, out)):
+    return None
+  if any(i not in out + b for i in a) or any(i not in out + a for i in b):
+    return None
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_einsum(spec: str, dt, grads, x: Array, w: Array) -> Array:
+  return jnp.einsum(spec, x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec, dt, grads, x, w):
+  xc, wc = x.astype(dt), w.astype(dt)
+  # Zero-size markers carry the operands' own dtypes to the backward pass.
+  marks = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32), (xc, wc, marks)
+
+
+def _mixed_einsum_bwd(spec, dt, grads, res, g):
+  # Plain autodiff of a bf16 x bf16 -> f32 einsum multiplies the f32 cotangent with the
+  # upcast other operand: both backward matmuls run in f32 (on XLA:CPU ~3x slower than
+  # bf16 with f32 accumulation, FLEXOLMO.md section 7). Mixed-precision training (torch
+  # autocast, MaxText) runs them on compute-dtype operands with f32 accumulation instead.
+  xc, wc, (mx, mw) = res
+  gc = g.astype(dt)
+  dx = jnp.einsum(grads[0], gc, wc, preferred_element_type=jnp.float32).astype(mx.dtype)
+  dw = jnp.einsum(grads[1], xc, gc, preferred_element_type=jnp.float32).astype(mw.dtype)
+  return dx, dw
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def dot(spec: str, x: Array, w: Array, cfg: ModelConfig, out_dtype=None) -> Array:
-  """einsum with compute-dtype operands and fp32 accumulation."""
+  """einsum with compute-dtype operands and fp32 accumulation, forward and backward.
+
+  With a compute dtype narrower than fp32 the two gradient einsums also take compute-dtype
+  operands (the cotangent cast down) and accumulate in fp32, as mixed-precision training
+  does; the weight gradient comes back in the weight's own dtype (fp32 params: fp32)."""
   dt = dtype_of(cfg.dtype)
-  y = jnp.einsum(spec, x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+  grads = _einsum_grad_specs(spec)
+  if dt == jnp.dtype(jnp.float32) or grads is None:
+    y = jnp.einsum(spec, x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+  else:
+    y = _mixed_einsum(spec, dt, grads, x, w)
   return y.astype(out_dtype or dt)
 
 
@@ -81,12 +135,17 @@ class LayerCache(NamedTuple):
 
 
 class Attention(nn.Module):
-  """Causal self-attention with full-width QK-norm (before RoPE) and optional GQA."""
+  """Causal self-attention with full-width QK-norm (before RoPE) and optional GQA.
+
+  The attention maths itself is `model.attention` (kernel chosen by cfg.attention).
+  segment_ids: optional [B, T] document ids; keys of other documents are masked.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, cache: LayerCache | None = None,
-               key_valid: Array | None = None, cache_index: Array | None = None):
+               key_valid: Array | None = None, cache_index: Array | None = None,
+               segment_ids: Array | None = None):
     cfg = self.cfg
     H, K, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     init = nn.initializers.normal(cfg.init_std)
@@ -105,40 +164,18 @@ class Attention(nn.Module):
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
-    T = x.shape[1]
-    B = x.shape[0]
-    qg = q.reshape(B, T, K, H // K, D)
-    scale = D ** -0.5
-    neg = jnp.finfo(jnp.float32).min
     if cache is None:
       new_cache = None
-      q_pos = jnp.arange(T)
-      mask = (q_pos[:, None] >= q_pos[None, :])[None]  # [1, T, S]
-      scores = dot("btkgd,bskd->bkgts", qg, k, cfg, out_dtype=jnp.float32) * scale
-      scores = jnp.where(mask[:, None, None], scores, neg)
-      probs = jax.nn.softmax(scores, axis=-1)
-      out = dot("bkgts,bskd->btkgd", probs, v, cfg).reshape(B, T, H, D)
+      out = attend(q, k, v, cfg, segment_ids=segment_ids)
     else:
       # This chunk's keys/values go back to the caller, which writes all layers' chunks into
-      # the cache in one in-place update at slots [index, index + T). Attention reads the
-      # cached slots before `index` and this chunk separately: the same keys as attending
-      # over the updated cache, without copying it.
+      # the cache in one in-place update at slots [index, index + T).
+      if segment_ids is not None:
+        raise ValueError("segment_ids are not supported with a KV cache (use input_valid)")
       k = k.astype(cache.k.dtype)
       v = v.astype(cache.v.dtype)
       new_cache = LayerCache(k, v)
-      S = cache.k.shape[1]
-      old_mask = (jnp.arange(S) < cache_index)[None, :] & key_valid  # [B, S]
-      chunk_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, T, axis=1)
-      causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-      new_mask = causal[None] & chunk_valid[:, None, :]  # [B, T, T]
-      s_old = dot("btkgd,bskd->bkgts", qg, cache.k, cfg, out_dtype=jnp.float32) * scale
-      s_new = dot("btkgd,bskd->bkgts", qg, k, cfg, out_dtype=jnp.float32) * scale
-      s_old = jnp.where(old_mask[:, None, None, None, :], s_old, neg)
-      s_new = jnp.where(new_mask[:, None, None], s_new, neg)
-      probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
-      out = (dot("bkgts,bskd->btkgd", probs[..., :S], cache.v, cfg, jnp.float32)
-             + dot("bkgts,bskd->btkgd", probs[..., S:], v, cfg, jnp.float32))
-      out = out.astype(dtype_of(cfg.dtype)).reshape(B, T, H, D)
+      out = attend_cached(q, k, v, cache.k, cache.v, key_valid, cache_index, cfg)
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     y = dot("bthk,hkd->btd", out, wo, cfg)
     return y, new_cache

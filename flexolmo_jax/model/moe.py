@@ -12,7 +12,8 @@ Dispatch strategies (same maths, different cost):
   dense     every expert on every token; right when top_k == num_experts (expert training).
   capacity  einsum dispatch/combine into [batch, E, C] buffers, C = ceil(cf * T * k / E);
             overflowing assignments are dropped and counted (CPU-friendly, static shapes).
-  dropless  sort assignments by expert and run `jax.lax.ragged_dot` (the TPU path).
+  dropless  sort assignments by expert and run grouped matmuls (the TPU path); expert-parallel
+            (tokens exchanged over the mesh's expert axis) when that axis is > 1.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flexolmo_jax.model import expert_slots
+from flexolmo_jax.model import expert_parallel
 from flexolmo_jax.model.config import ModelConfig
+from flexolmo_jax.model.grouped_matmul import (grouped_matmul, grouped_matmul_impl,  # noqa: F401
+                                               interpret_kernels)
 from flexolmo_jax.model.layers import Array, constrain, dot, dtype_of, param_with_axes
 
 
@@ -53,15 +58,20 @@ def route(h: Array, w_router: Array, bias: Array | None, expert_mask: Array | No
   return logits, probs, top_w, top_i, valid
 
 
-def _swiglu_experts(x: Array, w1: Array, w3: Array, w2: Array, cfg: ModelConfig, spec_in: str,
-                    spec_out: str) -> Array:
-  g = dot(spec_in, x, w1, cfg, jnp.float32)
-  u = dot(spec_in, x, w3, cfg, jnp.float32)
-  return dot(spec_out, nn.silu(g) * u, w2, cfg, jnp.float32)
+def _swiglu_experts(x: Array, w1, w3, w2, cfg: ModelConfig, spec_in: str, spec_out: str,
+                    x_per_expert: bool = False) -> Array:
+  """SwiGLU of every expert, expert axis first. Weights split into groups (ExpertSlots: the
+  expert stage's frozen and trainable slots) run one einsum per group, so a frozen group has
+  no weight gradient; `x_per_expert`: x has a leading expert axis, cut per group too."""
+  def swiglu(a, b, c, xs=x):
+    g = dot(spec_in, xs, a, cfg, jnp.float32)
+    u = dot(spec_in, xs, b, cfg, jnp.float32)
+    return dot(spec_out, nn.silu(g) * u, c, cfg, jnp.float32)
+  return expert_slots.run_groups(swiglu, (w1, w3, w2), (x,) if x_per_expert else ())
 
 
 def dispatch_dense(h, w1, w3, w2, top_w, top_i, valid, cfg):
-  E = w1.shape[0]
+  E = cfg.num_experts
   onehot = jax.nn.one_hot(top_i, E, dtype=bool) & valid[..., None]  # [B,T,k,E]
   routed = jnp.any(onehot, axis=2)  # [B,T,E]
   weight = jnp.sum(jnp.where(onehot, top_w[..., None], 0.0), axis=2)  # [B,T,E]
@@ -97,7 +107,7 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
   CPU/GPU where the one-hot einsums cost ~2 * B * T * E * C * d FLOPs each).
   """
   B, T, k = top_i.shape
-  E, d = w1.shape[0], h.shape[-1]
+  E, d = cfg.num_experts, h.shape[-1]
   C = capacity(cfg, T)
   pos, keep = _capacity_slots(top_i, valid, C, E)
   dt = dtype_of(cfg.dtype)
@@ -123,7 +133,8 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
     x_in = h_pad[jnp.arange(B)[None, :, None], slot_token]  # [E,B,C,d]
     used = slot_token < T
   x_in = constrain(x_in, ("act_exp", "act_batch", None, "act_embed"))
-  out = _swiglu_experts(x_in, w1, w3, w2, cfg, "ebcd,edf->ebcf", "ebcf,efd->ebcd")
+  out = _swiglu_experts(x_in, w1, w3, w2, cfg, "ebcd,edf->ebcf", "ebcf,efd->ebcd",
+                        x_per_expert=True)
   out = jnp.where(used[..., None], out, 0.0)  # empty slots (and excluded experts) contribute 0
   if impl == "einsum":
     y = jnp.einsum("btec,ebcd->btd", combine, out)
@@ -134,52 +145,36 @@ def dispatch_capacity(h, w1, w3, w2, top_w, top_i, valid, cfg):
   return y, dropped.astype(jnp.int32)
 
 
-def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str) -> Array:
-  """[M, K] x [G, K, N] with rows grouped contiguously by `group_sizes` -> [M, N] (f32 acc).
-
-  impl (cfg.grouped_matmul, "auto" resolved by `grouped_matmul_impl`):
-    ragged_dot  `jax.lax.ragged_dot`, a real grouped-matmul kernel on accelerators.
-    select      every group densely, then each row *selects* its own group. XLA:CPU lowers
-                ragged_dot to a dense multiply against zero-masked rows, where 0 * NaN from
-                another group's weights leaks into every row; selecting costs the same FLOPs
-                as that lowering and keeps an excluded expert's weights without influence.
-  """
-  if impl == "ragged_dot":
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-  if impl != "select":
-    raise ValueError(f"grouped_matmul {impl!r} is not available here")
-  ends = jnp.cumsum(group_sizes)
-  row = jnp.arange(lhs.shape[0])
-  group_of_row = jnp.searchsorted(ends, row, side="right")  # == G for rows past the last group
-  out = jnp.einsum("mk,gkn->gmn", lhs, rhs, preferred_element_type=jnp.float32)
-  own = jax.nn.one_hot(group_of_row, rhs.shape[0], dtype=bool).T  # [G, M]
-  return jnp.sum(jnp.where(own[..., None], out, 0.0), axis=0)
-
-
-def grouped_matmul_impl(cfg: ModelConfig) -> str:
-  if cfg.grouped_matmul != "auto":
-    return cfg.grouped_matmul
-  return "select" if cfg.kernel_platform == "cpu" else "ragged_dot"
-
-
 def dispatch_dropless(h, w1, w3, w2, top_w, top_i, valid, cfg):
-  """Sort token assignments by expert and run grouped matmuls; nothing is dropped."""
+  """Sort token assignments by expert and run grouped matmuls; nothing is dropped.
+
+  On a mesh with an expert axis > 1 the experts stay where they are and tokens travel
+  (model/expert_parallel.py); otherwise the assignments of the whole batch are sorted here.
+  """
+  E, d, f = w1.shape
+  lay = expert_parallel.layout(cfg, E, d, f)
+  if lay is not None:
+    return expert_parallel.dispatch(h, w1, w3, w2, top_w, top_i, valid, cfg, lay), \
+        jnp.zeros((), jnp.int32)
   B, T, k = top_i.shape
-  E, d = w1.shape[0], h.shape[-1]
-  x = h.reshape(B * T, d)
+  dt = dtype_of(cfg.dtype)
   expert = jnp.where(valid, top_i, E).reshape(-1)  # excluded assignments -> sentinel group E
   order = jnp.argsort(expert, stable=True)
   sorted_expert = expert[order]
-  x_sorted = x[order // k]
+  used = sorted_expert < E
+  # Rows of the sentinel group read a zero row: kernels leave rows past the last group
+  # unspecified (megablox: NaN in both passes), so they must not alias a real token.
+  x = jnp.concatenate([h.reshape(B * T, d).astype(dt), jnp.zeros((1, d), dt)])
+  x_sorted = x[jnp.where(used, order // k, B * T)]
   group_sizes = jnp.bincount(expert, length=E + 1)[:E].astype(jnp.int32)
-  dt = dtype_of(cfg.dtype)
+  impl, interpret = grouped_matmul_impl(cfg), interpret_kernels(cfg)
 
   def gmm(a, w):
-    return grouped_matmul(a.astype(dt), w.astype(dt), group_sizes, grouped_matmul_impl(cfg))
+    return grouped_matmul(a.astype(dt), w.astype(dt), group_sizes, impl, interpret=interpret)
 
   a = nn.silu(gmm(x_sorted, w1)) * gmm(x_sorted, w3)
   o = gmm(a, w2)
-  o = jnp.where((sorted_expert < E)[:, None], o, 0.0)  # rows of the sentinel group are unused
+  o = jnp.where(used[:, None], o, 0.0)  # rows of the sentinel group are unused
   out = jnp.zeros_like(o).at[order].set(o).reshape(B, T, k, d)
   y = jnp.sum(jnp.where(valid[..., None], top_w[..., None] * out, 0.0), axis=2)
   return y, jnp.zeros((), jnp.int32)
@@ -201,15 +196,27 @@ class MoE(nn.Module):
     cfg = self.cfg
     E, d, f = cfg.num_experts, cfg.d_model, cfg.ffn_hidden
     init = nn.initializers.normal(cfg.init_std)
-    w_router = param_with_axes(self, "router", (E, d), ("exp", "embed"), init, cfg)
-    bias = (param_with_axes(self, "router_bias", (E,), ("exp",), nn.initializers.zeros, cfg)
+
+    def weight(name, shape, axes, init):
+      # The training step may hand a stacked weight over as separate slot groups (frozen
+      # public expert, trainable expert): see model/expert_slots.py.
+      if self.has_variable(expert_slots.COLLECTION, name):
+        return expert_slots.ExpertSlots(
+            self.get_variable(expert_slots.COLLECTION, name).parts,
+            self.get_variable(expert_slots.COLLECTION, name).slots, axis=0)
+      return param_with_axes(self, name, shape, axes, init, cfg)
+
+    w_router = expert_slots.stacked(weight("router", (E, d), ("exp", "embed"), init))
+    bias = (expert_slots.stacked(weight("router_bias", (E,), ("exp",), nn.initializers.zeros))
             if cfg.expert_bias else None)
-    w1 = param_with_axes(self, "gate_proj", (E, d, f), ("exp", "embed", "mlp"), init, cfg)
-    w3 = param_with_axes(self, "up_proj", (E, d, f), ("exp", "embed", "mlp"), init, cfg)
-    w2 = param_with_axes(self, "down_proj", (E, f, d), ("exp", "mlp", "embed"), init, cfg)
+    w1 = weight("gate_proj", (E, d, f), ("exp", "embed", "mlp"), init)
+    w3 = weight("up_proj", (E, d, f), ("exp", "embed", "mlp"), init)
+    w2 = weight("down_proj", (E, f, d), ("exp", "mlp", "embed"), init)
 
     logits, probs, top_w, top_i, valid = route(h, w_router, bias, expert_mask, cfg.top_k,
                                                cfg.norm_topk_prob)
+    if cfg.dispatch not in ("dense", "capacity"):  # these two run slot groups separately
+      w1, w3, w2 = (expert_slots.stacked(w) for w in (w1, w3, w2))
     y, dropped = DISPATCH[cfg.dispatch](h, w1, w3, w2, top_w, top_i, valid, cfg)
 
     # Per-token routing [B,T,E] for analysis tools: only kept when the caller makes the

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from flexolmo_jax.model.config import ModelConfig
+from flexolmo_jax.model.head import head_logits
 from flexolmo_jax.model.layers import (Array, Attention, KVCache, LayerCache, MLP, RMSNorm,
-                                       constrain, dot, dtype_of, param_with_axes)
+                                       constrain, dtype_of, param_with_axes)
 from flexolmo_jax.model.moe import MoE, empty_aux
 
 REMAT_POLICIES = {
@@ -29,10 +30,12 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, expert_mask: Array | None,
-               key_valid: Array | None, cache_index: Array | None, cache: LayerCache | None):
+               key_valid: Array | None, cache_index: Array | None, segment_ids: Array | None,
+               cache: LayerCache | None):
     cfg = self.cfg
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    a, new_cache = Attention(cfg, name="self_attn")(x, positions, cache, key_valid, cache_index)
+    a, new_cache = Attention(cfg, name="self_attn")(x, positions, cache, key_valid, cache_index,
+                                                     segment_ids)
     h = x + RMSNorm(cfg, ("norm",), name="post_attention_layernorm")(a)
     if cfg.is_moe:
       f, aux = MoE(cfg, name="mlp")(h, expert_mask)
@@ -48,7 +51,7 @@ class ScannedLayers(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, expert_mask, key_valid, cache_index, cache):
+  def __call__(self, x, positions, expert_mask, key_valid, cache_index, segment_ids, cache):
     cfg = self.cfg
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none":
@@ -57,20 +60,21 @@ class ScannedLayers(nn.Module):
     if cfg.scan_layers:
       scanned = nn.scan(
           layer_cls,
-          variable_axes={"params": 0, "intermediates": 0},
+          variable_axes={"params": 0, "intermediates": 0, "expert_slots": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          in_axes=(nn.broadcast,) * 5 + (0,),
           length=cfg.n_layers,
           unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      return scanned(cfg, name="layers")(x, positions, expert_mask, key_valid, cache_index, cache)
+      return scanned(cfg, name="layers")(x, positions, expert_mask, key_valid, cache_index,
+                                         segment_ids, cache)
     # Unrolled (debugging / tiny models): same maths, per-layer parameter names.
     outs = []
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
       x, out = layer_cls(cfg, name=f"layers_{i}")(x, positions, expert_mask, key_valid,
-                                                   cache_index, layer_cache)
+                                                   cache_index, segment_ids, layer_cache)
       outs.append(out)
     return x, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -78,7 +82,12 @@ class ScannedLayers(nn.Module):
 class FlexOlmo(nn.Module):
   """Causal LM. __call__(input_ids [B,T]) -> (logits [B,T,V] f32, aux, new_cache).
 
+  return_logits=False returns the final normed hidden state [B,T,d] in place of the logits
+  (the head is still a param): the chunked loss applies `model.head.apply_head` per block.
+
   expert_mask: optional bool [B, E], True = expert allowed for that example (run-time opt-out).
+  segment_ids: optional int [B, T] document ids of packed rows: a token attends only to earlier
+  tokens with the same id (None: the whole row, as the reference trains). Not with a cache.
   cache: optional KVCache for prefill/decode (see `init_cache`); positions default to
   cache.index + arange(T) (or arange(T) without a cache).
   """
@@ -87,7 +96,8 @@ class FlexOlmo(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, positions: Array | None = None,
                expert_mask: Array | None = None, cache: KVCache | None = None,
-               input_valid: Array | None = None, return_hidden: bool = False):
+               input_valid: Array | None = None, return_hidden: bool = False,
+               return_logits: bool = True, segment_ids: Array | None = None):
     cfg = self.cfg
     B, T = input_ids.shape
     init = nn.initializers.normal(cfg.init_std)
@@ -113,15 +123,14 @@ class FlexOlmo(nn.Module):
 
     x, (new_layer_cache, aux) = ScannedLayers(cfg, name="decoder")(
         x, positions, expert_mask, key_valid, cache.index if cache is not None else None,
-        layer_cache)
+        segment_ids, layer_cache)
 
     if return_hidden:  # final residual stream, before the last norm (domain embeddings)
       return x
     x = RMSNorm(cfg, ("norm",), name="norm")(x)
     lm_head = param_with_axes(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               init, cfg)
-    logits = dot("btd,dv->btv", x, lm_head, cfg, out_dtype=jnp.float32)
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    logits = head_logits(x, lm_head, cfg) if return_logits else x
     new_cache = None
     if cache is not None:
       # Every layer's new chunk [L, B, T, Hkv, D] written at slots [index, index + T) in one

@@ -7,6 +7,12 @@ tensor [L, E, ...] can be split along its expert axis, so "expert 1 of 2" trains
 public expert (slot 0) stays frozen in the same array:
 
     trainable = ["mlp/(gate_proj|up_proj|down_proj|router|router_bias)"], trainable_experts = [1]
+
+Frozen means free: `model_variables` hands such a split leaf to the model as two operands
+(model/expert_slots.py), never re-concatenated, so no weight gradient of the frozen slot is
+computed; and frozen leaves that only ever enter matmuls are held in the compute dtype
+(`split(..., compute_dtype=...)`): every matmul casts its operands to it anyway, so the
+results are the same while the frozen half takes half the memory and half the gather bytes.
 """
 from __future__ import annotations
 
@@ -17,6 +23,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from flexolmo_jax.model import expert_slots
+
+# Parameters used only as matmul operands (cast to the compute dtype by every use), or, for
+# the embedding, gathered and then cast: a frozen copy may be stored in the compute dtype.
+# Norm scales, the router and its bias are applied in fp32 and keep their dtype.
+MATMUL_ONLY = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+               "up_proj", "down_proj")
 
 Flat = dict[str, Any]
 
@@ -60,8 +74,9 @@ class Partition:
   def rule(self, key: str) -> LeafRule:
     return dict(self.rules)[key]
 
-  def split(self, params) -> tuple[Flat, Flat]:
-    """Full param tree -> (trainable, frozen) flat dicts."""
+  def split(self, params, compute_dtype=None) -> tuple[Flat, Flat]:
+    """Full param tree -> (trainable, frozen) flat dicts; with `compute_dtype`, frozen
+    MATMUL_ONLY leaves are cast to it (see the module docstring)."""
     flat = flatten(params)
     trainable, frozen = {}, {}
     for key, r in self.rules:
@@ -72,7 +87,33 @@ class Partition:
         trainable[key] = jnp.take(x, jnp.asarray(r.slots), axis=r.axis)
         if r.frozen_slots:
           frozen[key] = jnp.take(x, jnp.asarray(r.frozen_slots), axis=r.axis)
+      if key in frozen:
+        frozen[key] = frozen[key].astype(self.frozen_dtype(key, frozen[key].dtype, compute_dtype))
     return trainable, frozen
+
+  @staticmethod
+  def frozen_dtype(key: str, dtype, compute_dtype=None):
+    """The dtype a frozen leaf is held in on device."""
+    if compute_dtype is not None and key.rsplit("/", 1)[-1] in MATMUL_ONLY:
+      return jnp.dtype(compute_dtype)
+    return jnp.dtype(dtype)
+
+  def model_variables(self, trainable: Flat, frozen: Flat) -> dict:
+    """(trainable, frozen) -> the variables the model is applied with: params, and each leaf
+    split by expert slots as separate operands in the "expert_slots" collection."""
+    params, slots = {}, {}
+    for key, r in self.rules:
+      if r.slots is None:
+        params[key] = trainable[key] if r.trainable else frozen[key]
+      elif not r.frozen_slots:
+        params[key] = trainable[key]
+      else:
+        slots[key] = expert_slots.ExpertSlots((trainable[key], frozen[key]),
+                                              (tuple(r.slots), r.frozen_slots), r.axis)
+    variables = {"params": unflatten(params)}
+    if slots:
+      variables[expert_slots.COLLECTION] = unflatten(slots)
+    return variables
 
   def merge(self, trainable: Flat, frozen: Flat) -> dict:
     """(trainable, frozen) -> the full nested param tree the model takes."""

@@ -136,9 +136,16 @@ class TrainingSetup:
         t[key] = jax.ShapeDtypeStruct(sliced_shape(shapes[key].shape, rule, True), dt,
                                       sharding=self.trainable_shardings[key])
       if key in self.frozen_shardings:
-        f[key] = jax.ShapeDtypeStruct(sliced_shape(shapes[key].shape, rule, False), dt,
+        f[key] = jax.ShapeDtypeStruct(sliced_shape(shapes[key].shape, rule, False),
+                                      self.partition.frozen_dtype(key, dt, self.cfg.dtype),
                                       sharding=self.frozen_shardings[key])
     return t, f
+
+  def split_fn(self):
+    """Full params -> (trainable, frozen) in their shardings; frozen matmul weights in the
+    compute dtype (train/partition.py)."""
+    split = lambda p: self.partition.split(p, compute_dtype=self.cfg.dtype)
+    return jax.jit(split, out_shardings=(self.trainable_shardings, self.frozen_shardings))
 
   def abstract_batch(self):
     tc = self.config.train
@@ -215,7 +222,9 @@ def train(config, workdir, devices=None) -> dict:
   with jax.set_mesh(mesh):
     params, provenance = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)),
                                         mesh, rules)
-    trainable, frozen = jax.jit(partition.split, out_shardings=(t_sh, f_sh))(params)
+    trainable, frozen = setup.split_fn()(params)
+    source_dtypes = {k: v.dtype for k, v in flatten(params).items()}
+    frozen_cast = any(frozen[k].dtype != source_dtypes[k] for k in frozen)
     del params
     step_fn = setup.jit_step()
     state = setup.init_state_fn()(trainable)
@@ -327,6 +336,14 @@ def train(config, workdir, devices=None) -> dict:
       writer.close()
 
     final_step = int(jax.device_get(state["step"]))
+    if frozen_cast:
+      # The device copy of the frozen half is in the compute dtype; the export carries the
+      # exact source values (bitwise, as the stitcher checks), rebuilt once more.
+      del frozen
+      source_params, _ = initial_params(config, cfg, full_sh, jax.random.key(int(config.seed)),
+                                        mesh, rules)
+      _, frozen = jax.jit(partition.split, out_shardings=(t_sh, f_sh))(source_params)
+      del source_params
     params = jax.jit(partition.merge)(state["params"], frozen)
     export_dir = workdir / "export"
     export_meta = {"stage": config.stage, "step": final_step, "init": provenance,
