@@ -16,6 +16,11 @@ OLMO2_7B = dict(
     vocab_size=100_352, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
     ffn_hidden=11_008, rope_theta=500_000.0, norm_eps=1e-6, max_seq_len=4096,
     eos_token_id=100_257, pad_token_id=100_277,
+    # Chunked LM head + loss: blocks of [B, 1024] positions (4 per 4096-token row). Full fp32
+    # logits of 2 rows/chip are 2 x 4096 x 100,352 x 4 B = 3.3 GB, and as much again for their
+    # gradient; a block is 0.8 GB, and its 2048 tokens/chip keep the head matmul compute-bound
+    # (the [4096, 100352] head is re-read 4x per pass: ~1% of the step's HBM traffic).
+    logits_chunk=1024,
 )
 
 # FlexMix domains (paper section 6), slot order after the public expert.

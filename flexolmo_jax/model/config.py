@@ -49,7 +49,9 @@ class ModelConfig:
   platform: str = "auto"  # auto (the backend the program runs on) | cpu | gpu | tpu
   attention: str = "xla"  # xla (exact reference) | chunked | splash (TPU) | cudnn (GPU)
   attention_chunk: int = 512  # key/query block of the chunked and splash kernels
-  logits_chunk: int = 0  # tokens per block of the chunked LM head + loss (0: full logits)
+  # Chunked LM head + loss (train/losses.py): sequence positions per block; a block is
+  # [batch, logits_chunk] tokens, all rows (the batch stays sharded). 0: full logits.
+  logits_chunk: int = 0
   # Numerics and compilation.
   dtype: str = "bfloat16"  # matmul operand / activation dtype
   param_dtype: str = "float32"
