@@ -52,8 +52,9 @@ def test_chunked_matches_xla(shape, segments):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_chunked_gradients_match_xla(segments):
+@pytest.mark.parametrize("impl,segments", [("chunked", False), ("chunked", True),
+                                           ("splash", True)])
+def test_gradients_match_xla(impl, segments):
   B, T, H, K, D, chunk = SHAPES[0]
   q, k, v = _qkv(B, T, H, K, D, seed=1)
   seg = _segments(B, T, seed=1) if segments else None
@@ -63,7 +64,7 @@ def test_chunked_gradients_match_xla(segments):
     cfg = _cfg(impl, H, K, chunk)
     loss = lambda q, k, v: jnp.sum(w * attend(q, k, v, cfg, segment_ids=seg))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  for a, b in zip(grads("chunked"), grads("xla")):
+  for a, b in zip(grads(impl), grads("xla")):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
