@@ -172,3 +172,21 @@ def test_load_attention_override(tmp_path, dense):
   assert flexolmo_jax.load(tmp_path / "m", attention="chunked").config.attention == "chunked"
   with pytest.raises(ValueError, match="attention"):
     flexolmo_jax.load(tmp_path / "m", attention="flash")
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_document_mask_from_eos(impl):
+  """cfg.document_mask: segments end after each EOS; the second packed document's logits
+  equal that document run alone (RoPE depends on position differences only)."""
+  cfg = tiny_config(num_experts=0, attention=impl, document_mask=True, attention_chunk=8)
+  params = random_params(cfg)
+  ids = np.array(random_ids(cfg, batch=1, length=21, seed=3))
+  ids[ids == cfg.eos_token_id] = cfg.eos_token_id + 1
+  ids[0, 8] = cfg.eos_token_id  # document 1 = tokens 0..8, document 2 = tokens 9..20
+  run = lambda c, x: np.asarray(FlexOlmo(c).apply({"params": params}, jnp.asarray(x))[0])
+  packed = run(cfg, ids)
+  alone = run(cfg, ids[:, 9:])
+  np.testing.assert_allclose(packed[:, 9:], alone, rtol=1e-4, atol=1e-4)
+  unmasked = run(cfg.replace(document_mask=False), ids)
+  np.testing.assert_allclose(packed[:, :9], unmasked[:, :9], rtol=1e-5, atol=1e-5)
+  assert np.abs(packed[:, 9:] - unmasked[:, 9:]).max() > 1e-3  # the mask changed something

@@ -40,7 +40,7 @@ class ModelConfig:
   dispatch: str = "dense"
   capacity_factor: float = 1.25
   capacity_impl: str = "auto"  # einsum | gather | auto (einsum on TPU, gather elsewhere)
-  grouped_matmul: str = "auto"  # dropless kernel: auto | ragged_dot | megablox | select
+  grouped_matmul: str = "auto"  # dropless kernel: auto | ragged_dot | megablox | tiled | select
   # Expert-parallel dropless token exchange (mesh expert axis > 1): auto (all_to_all on CPU,
   # which has no ragged kernel; ragged elsewhere) | ragged (ragged_all_to_all) | all_to_all.
   moe_transport: str = "auto"
@@ -49,6 +49,9 @@ class ModelConfig:
   platform: str = "auto"  # auto (the backend the program runs on) | cpu | gpu | tpu
   attention: str = "xla"  # xla (exact reference) | chunked | splash (TPU) | cudnn (GPU)
   attention_chunk: int = 512  # key/query block of the chunked and splash kernels
+  # Packed rows attend across document boundaries by default, as the reference trains; True:
+  # each document only to itself (segments end after every eos_token_id).
+  document_mask: bool = False
   # Chunked LM head + loss (train/losses.py): sequence positions per block; a block is
   # [batch, logits_chunk] tokens, all rows (the batch stays sharded). 0: full logits.
   logits_chunk: int = 0

@@ -87,7 +87,8 @@ class FlexOlmo(nn.Module):
 
   expert_mask: optional bool [B, E], True = expert allowed for that example (run-time opt-out).
   segment_ids: optional int [B, T] document ids of packed rows: a token attends only to earlier
-  tokens with the same id (None: the whole row, as the reference trains). Not with a cache.
+  tokens with the same id (None: the whole row, as the reference trains, unless
+  `cfg.document_mask` derives them from EOS tokens). Not with a cache.
   cache: optional KVCache for prefill/decode (see `init_cache`); positions default to
   cache.index + arange(T) (or arange(T) without a cache).
   """
@@ -112,6 +113,11 @@ class FlexOlmo(nn.Module):
     if expert_mask is not None and cfg.is_moe and expert_mask.shape != (B, cfg.num_experts):
       raise ValueError(f"expert_mask shape {expert_mask.shape} != (batch={B}, experts={cfg.num_experts})")
 
+    if segment_ids is None and cfg.document_mask and cache is None:
+      # Document masking of packed rows: a document ends with its EOS, the next token starts
+      # another. Positions are left as they are: RoPE scores depend on differences only.
+      eos = (input_ids == cfg.eos_token_id).astype(jnp.int32)
+      segment_ids = jnp.cumsum(eos, axis=1) - eos
     if cache is None:
       key_valid = None
       layer_cache = None
