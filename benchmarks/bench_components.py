@@ -79,7 +79,8 @@ def components(cfg: ModelConfig, B: int, T: int, grad: bool, only, skip_torch: b
       c = cfg.replace(attention=impl)
       m = Attention(c)
       p = m.init(jax.random.key(0), h, pos)
-      group[f"ours_{impl}"] = _ours(lambda p, x, m=m: m.apply(p, x, pos)[0], p, h, grad=grad)
+      tag = impl if impl == "xla" else f"{impl}{c.attention_chunk}"
+      group[f"ours_{tag}"] = _ours(lambda p, x, m=m: m.apply(p, x, pos)[0], p, h, grad=grad)
     out["attention"] = with_peer(group, lambda x: layer.self_attn(x, rope, None)[0])
   if "moe" in only:
     group = {}

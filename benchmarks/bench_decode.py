@@ -6,9 +6,11 @@ The bench config (FLEXOLMO.md section 7: vocab 8192, d 256, 4 layers, 4 heads, F
 4 experts, top-2) with random weights, copied into transformers' FlexOlmoForCausalLM.
 Greedy decoding of exactly `new_tokens` tokens (no early stop) at batch 1 and 8, KV cache on
 both sides, in fp32 (ours: fp32 compute; transformers: fp32 model) and in bf16 (ours: bf16
-matmul operands with f32 accumulation, the model default; transformers: the model in bf16). tokens/s counts generated tokens (batch x new_tokens) over the wall time of the
-whole call, prefill included; each contender's best of --repeats interleaved rounds (the
-machine may be shared). Also reports how far the two greedy outputs agree in fp32.
+weights, bf16 matmul operands with f32 accumulation; transformers: the model in bf16).
+tokens/s counts generated tokens (batch x new_tokens) over the wall time of the whole call,
+prefill included; contenders run in --repeats interleaved rounds (the machine may be shared)
+and print median [min .. max]; a speedup is the median of per-round ratios with its spread
+(JSON keys *_min / *_max). Also reports how far the two greedy outputs agree in fp32.
 The last line is a JSON summary.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -26,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import peak_rss_mb  # noqa: E402
+from common import interleaved, peak_rss_mb, put_ratio, show_times, spread  # noqa: E402
 from flexolmo_jax.convert import hf_mapping  # noqa: E402
 from flexolmo_jax.inference.generate import Sampling, left_pad, make_generate_fn  # noqa: E402
 from flexolmo_jax.model import ModelConfig, init_params  # noqa: E402
@@ -69,19 +70,6 @@ def ours_runner(cfg, params, prompts, new_tokens):
   return lambda: np.asarray(jax.block_until_ready(fn(params, ids, valid, None, key))[0])
 
 
-def best_times(runners: dict, repeats: int) -> tuple[dict, dict]:
-  """Best wall time of each runner over `repeats` rounds, interleaved so that a busy spell
-  on a shared machine hits every contender alike (after one untimed warm-up call each)."""
-  outs = {name: run() for name, run in runners.items()}
-  best = {name: float("inf") for name in runners}
-  for _ in range(repeats):
-    for name, run in runners.items():
-      t0 = time.perf_counter()
-      run()
-      best[name] = min(best[name], time.perf_counter() - t0)
-  return best, outs
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--new_tokens", type=int, default=128)
@@ -94,6 +82,9 @@ def main():
   torch.set_num_threads(os.cpu_count() or 2)
   cfg32 = ModelConfig(**BENCH, dtype="float32", dispatch="dense")
   params = init_params(cfg32, jax.random.key(0))
+  # The bf16 contender holds bf16 weights, as the torch bf16 peer does (`model.to(bf16)`):
+  # decode reads every weight per token, and f32 weights would be read and cast each step.
+  params_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   res = {"backend": jax.default_backend(), "new_tokens": args.new_tokens,
          "prompt_len": args.prompt_len, "torch_threads": torch.get_num_threads()}
   model = None if args.skip_torch else hf_model(cfg32, params)
@@ -103,19 +94,24 @@ def main():
     prompts = rng.integers(2, cfg32.vocab_size, (B, args.prompt_len)).tolist()
     tokens = B * args.new_tokens
     runners = {"ours_fp32": ours_runner(cfg32, params, prompts, args.new_tokens),
-               "ours_bf16": ours_runner(cfg32.replace(dtype="bfloat16"), params, prompts,
+               "ours_bf16": ours_runner(cfg32.replace(dtype="bfloat16"), params_bf16, prompts,
                                         args.new_tokens)}
     if model is not None:
       runners["hf_fp32"] = hf_runner(model, prompts, args.new_tokens)
       runners["hf_bf16"] = hf_runner(model_bf16, prompts, args.new_tokens)
-    best, outs = best_times(runners, args.repeats)
-    for name, t in best.items():
-      res[f"b{B}_{name}_tok_s"] = tokens / t
+    outs = {name: run() for name, run in runners.items()}  # compile outside the rounds
+    t = interleaved(runners, args.repeats, warmup=0)
+    print(f"batch {B}:")
+    show_times(t, per=tokens, per_unit="tokens/s")
+    for name, ts in t.items():
+      res[f"b{B}_{name}_tok_s"] = tokens / spread(ts)[1]
     if model is not None:
-      hf_best = min(best["hf_fp32"], best["hf_bf16"])
-      res[f"b{B}_speedup_fp32_vs_hf_fp32"] = best["hf_fp32"] / best["ours_fp32"]
-      res[f"b{B}_speedup_bf16_vs_hf_bf16"] = best["hf_bf16"] / best["ours_bf16"]
-      res[f"b{B}_speedup_best_vs_best"] = hf_best / min(best["ours_fp32"], best["ours_bf16"])
+      put_ratio(res, f"b{B}_speedup_fp32_vs_hf_fp32", t["hf_fp32"], t["ours_fp32"])
+      put_ratio(res, f"b{B}_speedup_bf16_vs_hf_bf16", t["hf_bf16"], t["ours_bf16"])
+      # Best contender of each side in the same round.
+      put_ratio(res, f"b{B}_speedup_best_vs_best",
+                [min(a, b) for a, b in zip(t["hf_fp32"], t["hf_bf16"])],
+                [min(a, b) for a, b in zip(t["ours_fp32"], t["ours_bf16"])])
       # Greedy outputs agree up to the first near-tie; report the agreeing prefix share.
       first_diff = [int(np.argmax(a != b)) if np.any(a != b) else len(a)
                     for a, b in zip(outs["ours_fp32"], outs["hf_fp32"])]

@@ -51,7 +51,7 @@ def show_times(times: dict, label: str = "", per: float | None = None, per_unit:
   width = max(len(k) for k in times)
   for name, ts in times.items():
     line = f"  {label}{name:<{width}}  {fmt(spread(ts), 1e3, ' ms')}"
-    if per:
+    if per and name != "matmul":  # the matmul contender is a FLOP/s reference, not tokens
       line += f"   {fmt(spread([per / t for t in ts]))} {per_unit}"
     print(line)
 
@@ -62,6 +62,20 @@ def put_ratio(res: dict, key: str, num, den) -> tuple[float, float, float]:
   res[key], res[key + "_min"], res[key + "_max"] = med, lo, hi
   print(f"  ratio {key} = {med:.3g} [{lo:.3g} .. {hi:.3g}]")
   return lo, med, hi
+
+
+def add_model_flags(ap) -> None:
+  """Kernel choices on top of the bench config, e.g. the pre-fix `--attention=xla`."""
+  ap.add_argument("--attention", default=None, help="override cfg.attention")
+  ap.add_argument("--attention_chunk", type=int, default=None)
+  ap.add_argument("--dispatch", default=None)
+  ap.add_argument("--capacity_impl", default=None)
+  ap.add_argument("--logits_chunk", type=int, default=None)
+
+
+def apply_model_flags(cfg, args):
+  names = ("attention", "attention_chunk", "dispatch", "capacity_impl", "logits_chunk")
+  return cfg.replace(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 
 def peak_rss_mb() -> float:

@@ -45,9 +45,9 @@ def _dt(cfg: ModelConfig):
 
 
 def _dot(spec: str, a: Array, b: Array, cfg: ModelConfig, out_dtype=None) -> Array:
-  """einsum with compute-dtype operands and f32 accumulation (as layers.dot)."""
-  y = jnp.einsum(spec, a.astype(_dt(cfg)), b.astype(_dt(cfg)), preferred_element_type=jnp.float32)
-  return y.astype(out_dtype or _dt(cfg))
+  """layers.dot: compute-dtype operands and f32 accumulation, in the backward pass too."""
+  from flexolmo_jax.model.layers import dot  # lazy: layers imports this module
+  return dot(spec, a, b, cfg, out_dtype)
 
 
 def attend(q: Array, k: Array, v: Array, cfg: ModelConfig, *,
