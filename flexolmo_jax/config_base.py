@@ -18,8 +18,8 @@ OLMO2_7B = dict(
     eos_token_id=100_257, pad_token_id=100_277,
     # Chunked LM head + loss: blocks of [B, 1024] positions (4 per 4096-token row). Full fp32
     # logits of 2 rows/chip are 2 x 4096 x 100,352 x 4 B = 3.3 GB, and as much again for their
-    # gradient; a block is 0.8 GB, and its 2048 tokens/chip keep the head matmul compute-bound
-    # (the [4096, 100352] head is re-read 4x per pass: ~1% of the step's HBM traffic).
+    # gradient; a block is 0.8 GB. Its 2048 tokens/chip give the head matmul ~2000 flops per
+    # weight byte (v5p's ridge: ~170), so re-reading the head once per block costs no time.
     logits_chunk=1024,
 )
 

@@ -20,7 +20,7 @@ from flexolmo_jax.train.losses import (chunked_token_losses, model_token_losses,
 from flexolmo_jax.train.optim import make_optimizer
 from flexolmo_jax.train.partition import make_partition
 from flexolmo_jax.train.step import init_state, make_step_fn
-from model_utils import random_ids, random_params, tiny_config
+from model_utils import random_params, tiny_config
 
 RTOL = 1e-6
 
@@ -215,10 +215,11 @@ def test_chunked_loss_grad_memory():
         ce, lse = token_losses(head_logits(x, w, cfg), t)
       return jnp.sum(ce * m) / jnp.sum(m) + 1e-5 * jnp.sum(jnp.square(lse) * m) / jnp.sum(m)
 
-    args = (jax.ShapeDtypeStruct((B, T, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, V), jnp.float32),
-            jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.float32))
+    shape = jax.ShapeDtypeStruct
+    args = (shape((B, T, d), jnp.bfloat16), shape((d, V), jnp.float32),
+            shape((B, T), jnp.int32), shape((B, T), jnp.float32))
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
     temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
-  print(f"loss+grad temp bytes: full {temp[0] / 2**20:.0f} MiB, chunked {temp[128] / 2**20:.0f} MiB")
+  print(f"loss+grad temp: full {temp[0] / 2**20:.0f} MiB, chunked {temp[128] / 2**20:.0f} MiB")
   assert temp[0] > B * T * V * 4  # the full path does hold the logits
   assert temp[128] < temp[0] / 4
