@@ -12,11 +12,16 @@ Mixtral and is kept on purpose (it is our code that is being planned): OLMo 2's 
 post-norms instead of pre-norms: elementwise work only, same matmuls), untied embeddings
 (as Mixtral), f32 master weights and AdamW state. Remat: MaxText's dropless recipe uses
 `remat_policy=full` (its dropped one offloads projections to host memory, which we cannot
-express); ours is `full` too. Dispatch: capacity 1.25 (MaxText's dropped variant): our
-dropless path sorts the tokens of the whole global batch, which at 1536 x 4096 needs 2.5 TB
-of temporaries per chip (planner, 2 layers). Attention: `xla` (the exact reference); override
-with `--config.model.attention=splash` once that kernel plans for TPU (the planner's result
-records which one ran).
+express); ours is `full` too. Dispatch: capacity with factor 1.0 and the gather formulation,
+the FLOP-equivalent of MaxText's dropless run: each expert runs exactly k T / E rows (dropless
+runs the same total; a drop-free balance is assumed) and no one-hot dispatch einsums. Our
+dropless path is no option at this scale (it sorts the tokens of the whole global batch:
+2.5 TB of temporaries per chip at 1536 x 4096, planner, 2 layers), and capacity 1.25 with the
+einsum formulation (TPU default; MaxText's dropped variant) executes 1.90x the model FLOPs
+instead of 1.39x, which makes the anchor compare two different programs (calibration.py).
+Attention: `xla` (the exact reference; the full square, MaxText's flash with 2048 blocks
+computes 3/4 of it); override with `--config.model.attention=splash` once that kernel plans
+for TPU (the planner's result records which one ran).
 
   python -m flexolmo_jax.aot --config=configs/mixtral_8x7b.py --topology=v5p:4x4x8 \
       --mode=train --per_device_batch=12
@@ -35,7 +40,8 @@ def get_config(arg=None):
   names = tuple(f"expert{i}" for i in range(8))
   config = cb.base_config(cb.model_block(**MIXTRAL_8X7B,
                                          **cb.moe_fields(names, top_k=2, dispatch="capacity",
-                                                        capacity_factor=1.25)))
+                                                        capacity_factor=1.0,
+                                                        capacity_impl="gather")))
   config.model.remat_policy = "full"
   # Every parameter trains (the "public" stage); 12 sequences per chip on 128 chips.
   cb.add_training(config, "public", seq_len=4096, global_batch_size=12 * 128, steps=100)

@@ -180,7 +180,6 @@ def test_calibration_reproduces_the_anchor():
   if a["roofline_tokens_per_s_per_chip"]:  # the stored constant, on its own anchor plan
     result["roofline_step_s"] = batch * T / (a["roofline_tokens_per_s_per_chip"] * chips)
     assert calibration.calibrate(result)["calibrated_mfu"] == pytest.approx(0.5489, rel=1e-3)
-    assert 0 < calibration.efficiency() <= 1.0  # a roofline cannot be slower than a real run
 
 
 def test_jaxpr_flops_scale_shard_map_pallas_and_ragged_dot():
@@ -205,7 +204,11 @@ def test_jaxpr_flops_scale_shard_map_pallas_and_ragged_dot():
                                      pl.BlockSpec((K, N), lambda i: (0, 0))],
                            out_specs=pl.BlockSpec((M // 4, N), lambda i: (i, 0)), interpret=True)
   d = matmul_flops_detail(jax.make_jaxpr(blocked)(x, w))
-  assert d == {"total": 2 * M * K * N, "pallas": 2 * M * K * N}
+  assert d == {"total": 2 * M * K * N, "pallas": 2 * M * K * N, "dynamic_loops": 0}
+  # A loop whose trip count is traced: counted once, and flagged.
+  looped = lambda x, w, n: jax.lax.fori_loop(0, n, lambda i, a: a + x @ w, jnp.zeros((M, N)))
+  d = matmul_flops_detail(jax.make_jaxpr(looped)(x, w, 3))
+  assert d["total"] == 2 * M * K * N and d["dynamic_loops"] == 1
   # A grouped matmul and its two gradients: 3 x 2MKN, the weight gradient not G times over.
   G = 4
   loss = lambda x, w: jax.lax.ragged_dot(x, w, jnp.full((G,), M // G, jnp.int32)).sum()
@@ -225,8 +228,12 @@ def test_chip_table_and_hlo_parsers():
       "ENTRY %main (p: f32[2,4,64,64]) -> f32[2,4,64,64] {",
       "  %p = f32[2,4,64,64]{3,2,1,0} parameter(0)",
       "  %f = f32[2,4,64,64]{3,2,1,0:T(8,128)} fusion(%p), kind=kLoop, calls=%fused_computation.1",
-      "  %lg = f32[2,64,256]{2,1,0} dot(%x, %w)",  # logits of a vocabulary of 512 over 2 shards
-      "  %w2 = f32[64,512]{1,0} add(%w, %w)",  # a [d, V] weight: rank 2, not logits
+      # logits of a vocabulary of 512 over 2 shards, out of a matmul + reduction fusion
+      "  %lg = (f32[2,64]{1,0}, f32[2,64,256]{2,1,0}) fusion(%x, %w), kind=kOutput, "
+      "calls=%fused_computation.1",
+      "  %cp = (f32[8,64,256]{2,1,0:T(8,128)S(1)}, u32[]) copy-start(%y)",  # not in HBM
+      "  %w2 = f32[32,512]{1,0} add(%w, %w)",  # a [d / 2, V] weight (d = 64): not logits
+      "  %lf = f32[512,256]{1,0} convert(%lg)",  # flattened [tokens, V / 2] logits
       "  %ag = bf16[64,1024]{1,0} all-gather(%p), replica_groups={{0,1,2,3}}, dimensions={0}",
       "  %rs = f32[16,1024]{1,0} reduce-scatter(%q), replica_groups=[1,4]<=[4], dimensions={0}",
       "  %ar-start = (f32[256]{0}, f32[256]{0}) all-reduce-start(%r), "
@@ -240,5 +247,5 @@ def test_chip_table_and_hlo_parsers():
   assert c["reduce-scatter"] == 16 * 1024 * 4 * 3
   assert c["all-reduce"] == 2 * 256 * 4 * 3 / 4
   assert c["total"] == c["all-gather"] + c["reduce-scatter"] + c["all-reduce"]
-  b = largest_buffers(hlo, seq_len=64, vocab_dims={512, 256})
-  assert b == {"attention_scores": 2 * 4 * 64 * 64 * 4, "logits": 2 * 64 * 256 * 4}
+  b = largest_buffers(hlo, seq_len=64, vocab_dims={512, 256}, d_model=64)
+  assert b == {"attention_scores": 2 * 4 * 64 * 64 * 4, "logits": 512 * 256 * 4}

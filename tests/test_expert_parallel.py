@@ -80,15 +80,17 @@ def _moe_fn(cfg):
   return fn
 
 
-@pytest.mark.parametrize("mesh_shape,k,transport", [
-    (EP4, 1, "all_to_all"), (EP4, 2, "ragged"),
-    (EP2_FSDP_TP, 2, "all_to_all"), (EP2_FSDP_TP, 1, "ragged"),
+@pytest.mark.parametrize("mesh_shape,k,transport,gmm", [
+    (EP4, 1, "all_to_all", "auto"), (EP4, 2, "ragged", "auto"),
+    (EP2_FSDP_TP, 2, "all_to_all", "auto"), (EP2_FSDP_TP, 1, "ragged", "auto"),
+    # Megablox (interpret mode) leaves NaN in rows past the last group, both passes.
+    (EP2_FSDP_TP, 2, "ragged", "megablox"),
 ], indirect=["transport"])
-def test_moe_layer_equals_dense_and_ignores_excluded_nan_experts(mesh_shape, k, transport):
+def test_moe_layer_equals_dense_and_ignores_excluded_nan_experts(mesh_shape, k, transport, gmm):
   cfg, params, specs, h, mask = _moe_setup(E=8, k=k)
   c = jnp.asarray(np.random.default_rng(1).normal(size=h.shape), jnp.float32)
   ref, ref_grads = jax.jit(_moe_fn(cfg))(params, h, mask, c)
-  ep_cfg = cfg.replace(dispatch="dropless", moe_transport=transport)
+  ep_cfg = cfg.replace(dispatch="dropless", moe_transport=transport, grouped_matmul=gmm)
   mesh = make_mesh(mesh_shape)
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     assert expert_parallel.layout(ep_cfg, 8, cfg.d_model, cfg.ffn_hidden) is not None
@@ -161,7 +163,8 @@ def test_grouped_matmuls_equal_ragged_dot(impl, monkeypatch):
   if impl != "megablox":  # a NaN group leaves every other group's rows bitwise unchanged
     y = grouped_matmul(x, w, sizes, impl)
     poisoned = grouped_matmul(x, w.at[2].set(jnp.nan), sizes, impl)
-    np.testing.assert_array_equal(np.isnan(poisoned).any(-1), np.arange(37) // 1 - 10 in ())
+    r = np.arange(37)
+    np.testing.assert_array_equal(np.isnan(poisoned).any(-1), (r >= 10) & (r < 13))
     rows = np.r_[0:10, 13:30]
     np.testing.assert_array_equal(np.asarray(poisoned)[rows], np.asarray(y)[rows])
 

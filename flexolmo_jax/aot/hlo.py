@@ -24,10 +24,13 @@ _LINE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + "|".
                    + r")(?P<start>-start)?\(")
 _ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>[a-z0-9]+\[[0-9,]*\])\S*\s+"
-                          r"(?P<op>[a-z\-]+)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z\-]+)\(")
+# An array and its layout; a layout's S(n), n > 0, puts it outside HBM (e.g. a prefetch copy).
+_LAID_OUT = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _CALLS = re.compile(r"\bfusion\(.*?calls=%(?P<callee>[^\s,)]+)")
-_ALIASES = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")
+_ALIASES = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant", "while",
+            "conditional", "call")
 
 
 def _array_bytes(shape_text: str) -> list[float]:
@@ -80,7 +83,8 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
 
 
 def _materialised(hlo_text: str):
-  """(dtype, dims) of every instruction that owns a buffer, outside fused computations."""
+  """(dtype, dims) of every HBM array an instruction outside fused computations owns (each
+  element of a multi-output fusion's tuple: a matmul fused with its reduction returns both)."""
   fused = set(_CALLS.findall(hlo_text))
   current = None
   for line in hlo_text.splitlines():
@@ -93,16 +97,19 @@ def _materialised(hlo_text: str):
     m = _INSTRUCTION.match(line)
     if not m or m.group("op") in _ALIASES:
       continue
-    dtype, dims = _ARRAY.match(m.group("shape")).groups()
-    if dtype in _DTYPE_BYTES:
-      yield dtype, tuple(int(d) for d in dims.split(",") if d)
+    for dtype, dims, layout in _LAID_OUT.findall(m.group("shape")):
+      space = _MEMORY_SPACE.search(layout or "")
+      if dtype in _DTYPE_BYTES and not (space and int(space.group(1))):
+        yield dtype, tuple(int(d) for d in dims.split(",") if d)
 
 
-def largest_buffers(hlo_text: str, seq_len: int, vocab_dims) -> dict[str, float]:
+def largest_buffers(hlo_text: str, seq_len: int, vocab_dims, d_model: int) -> dict[str, float]:
   """Bytes of the largest attention-score-shaped and logits-shaped buffers (module doc).
 
   vocab_dims: the per-chip sizes the vocabulary axis can have (V over each shard count the
   mesh allows), so that an unrelated last dimension that happens to divide V does not count.
+  A logits block is [..., T, V / s] or a flattened [tokens, V / s]; a [d / s, V / s] array
+  (a gathered head weight or its gradient) is not one.
   """
   vocab_dims = set(vocab_dims)
   scores = logits = 0.0
@@ -110,8 +117,8 @@ def largest_buffers(hlo_text: str, seq_len: int, vocab_dims) -> dict[str, float]
     size = math.prod(dims) * _DTYPE_BYTES[dtype]
     if len(dims) >= 3 and dims[-1] == dims[-2] == seq_len:
       scores = max(scores, size)
-    # A logits block [..., tokens, V / s]: rank >= 3, so a gathered [d, V] weight (or its
-    # gradient) does not count.
-    if len(dims) >= 3 and dims[-1] in vocab_dims:
-      logits = max(logits, size)
+    if len(dims) >= 2 and dims[-1] in vocab_dims:
+      leading = math.prod(dims[:-1])
+      if (len(dims) >= 3 and seq_len in dims[:-1]) or d_model % leading:
+        logits = max(logits, size)
   return {"attention_scores": scores, "logits": logits}

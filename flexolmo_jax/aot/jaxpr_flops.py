@@ -11,6 +11,9 @@ not. Two constructs see only a piece of the work, so their bodies are scaled up:
                one (megablox), else the body times the grid size. Blocks that a kernel skips
                at run time (splash attention's causally masked blocks) are counted, so for
                such kernels this is an upper bound (`pallas` in `matmul_flops_detail`).
+A while loop's trip count is not known from the jaxpr (fori_loop with traced bounds, e.g. the
+chunked attention's key loop): its body is counted once and the loop is reported in
+`dynamic_loops`, so that a nonzero count means the total is a lower bound.
 Per chip = total / chips when the partitioner splits the work evenly.
 """
 from __future__ import annotations
@@ -65,9 +68,10 @@ def _pallas(eqn) -> float:
 
 
 def matmul_flops_detail(jaxpr) -> dict[str, float]:
-  """{'total': all matmul FLOPs, 'pallas': the part inside Pallas kernels}."""
+  """{'total': all matmul FLOPs, 'pallas': the part inside Pallas kernels, 'dynamic_loops':
+  matmul-bearing while loops counted once (module doc)}."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = pallas = 0.0
+  total = pallas = loops = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
@@ -84,6 +88,7 @@ def matmul_flops_detail(jaxpr) -> dict[str, float]:
       branches = [matmul_flops_detail(b) for b in _sub_jaxprs(eqn.params["branches"])]
       best = max(branches, key=lambda b: b["total"])
       total, pallas = total + best["total"], pallas + best["pallas"]
+      loops += best["dynamic_loops"]
       continue
     mult = {"scan": lambda: eqn.params["length"],
             "shard_map": lambda: _manual_shards(eqn.params)}.get(name, lambda: 1)()
@@ -92,7 +97,10 @@ def matmul_flops_detail(jaxpr) -> dict[str, float]:
         inner = matmul_flops_detail(sub)
         total += mult * inner["total"]
         pallas += mult * inner["pallas"]
-  return {"total": total, "pallas": pallas}
+        loops += mult * inner["dynamic_loops"]
+        if name == "while" and inner["total"]:
+          loops += mult
+  return {"total": total, "pallas": pallas, "dynamic_loops": loops}
 
 
 def matmul_flops(jaxpr) -> float:

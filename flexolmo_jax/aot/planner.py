@@ -257,7 +257,7 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
     result.update(_memory(compiled))
     result["fits"] = result["total_gb"] * GB <= hbm
     buffers = largest_buffers(compiled.as_text(), shape.seq_len,
-                              _vocab_dims(cfg.vocab_size, mesh))
+                              _vocab_dims(cfg.vocab_size, mesh), cfg.d_model)
     result.update(largest_scores_gb=buffers["attention_scores"] / GB,
                   largest_logits_gb=buffers["logits"] / GB)
 
@@ -266,6 +266,7 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
       model_flops=model, model_flops_per_chip=model / n,
       executed_flops_per_chip=executed["total"] / n,
       pallas_flops_per_chip=executed["pallas"] / n,
+      dynamic_loops=int(executed["dynamic_loops"]),
       executed_over_model=executed["total"] / model)
 
   if extrapolate:
@@ -322,6 +323,9 @@ def report(r: dict[str, Any]) -> str:
                f"matmuls, remat and backward included; {r['pallas_flops_per_chip']:.2e} in "
                f"Pallas kernels), model {r['model_flops_per_chip']:.3e} (MaxText: "
                f"{convention}); executed / model {r['executed_over_model']:.2f}")
+  if r.get("dynamic_loops"):
+    lines.append(f"  (executed is a lower bound: {r['dynamic_loops']} while loops with traced trip "
+                 "counts, e.g. chunked attention's, are counted once)")
   if "xla_flops_per_chip" in r:
     how = "extrapolated from unrolled variants" if r["xla_flops_extrapolated"] else \
         "loop bodies counted once"
@@ -339,8 +343,9 @@ def report(r: dict[str, Any]) -> str:
                  f"{r['roofline_step_s'] * 1e3:.1f} ms")
   if r.get("calibrated_mfu") is not None:
     a = calibration.ANCHOR
+    partial = "" if r["roofline_complete"] else ", from the compute-only roofline"
     lines.append(f"  estimated MFU {100 * r['calibrated_mfu']:.1f}% (step "
-                 f"{r['calibrated_step_s'] * 1e3:.0f} ms): the roofline step / "
+                 f"{r['calibrated_step_s'] * 1e3:.0f} ms{partial}): the roofline step / "
                  f"{r['efficiency']:.3f}, an efficiency calibrated on ONE anchor, {a['name']} "
                  f"at {100 * a['mfu']:.1f}% measured (52.6% on v5p-256, 35.2% on v6e-256)")
   else:

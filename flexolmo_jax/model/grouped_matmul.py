@@ -1,16 +1,20 @@
 """Grouped matmul: [M, K] x [G, K, N] with rows grouped contiguously -> [M, N] (f32 acc).
 
 Rows past sum(group_sizes) belong to no group; their output is unspecified (zero for
-ragged_dot and select, uninitialised for megablox), so callers must *select* them away.
+ragged_dot, tiled and select; uninitialised for megablox), so callers must *select* them away.
 
 impl (cfg.grouped_matmul, "auto" resolved by `grouped_matmul_impl`):
   ragged_dot  `jax.lax.ragged_dot`, a real grouped-matmul kernel on accelerators.
   megablox    the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (custom
               VJP with its own transposed kernels); interpret mode off TPU, for tests.
-  select      every group densely, then each row *selects* its own group. XLA:CPU lowers
-              ragged_dot to a dense multiply against zero-masked rows, where 0 * NaN from
-              another group's weights leaks into every row; selecting costs the same FLOPs
-              as that lowering and keeps an excluded expert's weights without influence.
+  tiled       megablox's schedule in plain XLA (a loop over overlapping row tile x group
+              pairs, rows *selected* into place): ~M*K*N work, the CPU choice ("auto").
+  select      every group densely, then each row *selects* its own group: G*M*K*N work, the
+              same as XLA:CPU's lowering of ragged_dot, a dense multiply against zero-masked
+              rows where 0 * NaN from another group's weights leaks into every row.
+
+Every impl but ragged_dot on CPU keeps a NaN group's weights out of other groups' rows in
+the forward pass (the opt-out guarantee; backward passes make no such promise).
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def _megablox(lhs, rhs, group_sizes, interpret: bool):
 TILE_ROWS = 256
 
 
-def _tiled(lhs, rhs, group_sizes, tm: int = TILE_ROWS):
+def _tiled(lhs, rhs, group_sizes):
   """Megablox's schedule in plain XLA: a loop over the (row tile, group) pairs that overlap.
 
   There are at most ceil(M / tm) + G - 1 such pairs, so the work is ~M*K*N plus one tile per
@@ -69,7 +73,7 @@ def _tiled(lhs, rhs, group_sizes, tm: int = TILE_ROWS):
   """
   M, K = lhs.shape
   G, _, N = rhs.shape
-  tm = min(tm, M)
+  tm = min(TILE_ROWS, M)
   tiles = -(-M // tm)
   Mp = tiles * tm
   if Mp != M:
@@ -95,14 +99,21 @@ def _tiled(lhs, rhs, group_sizes, tm: int = TILE_ROWS):
     old = jax.lax.dynamic_slice_in_dim(out, row0, tm)
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y, old), row0, 0), None
 
-  out, _ = jax.lax.scan(step, jnp.zeros((Mp, N), jnp.float32), jnp.arange(W))
+  out = jnp.zeros((Mp, N), jnp.float32)
+  # Inside shard_map the loop carry must vary over the same mesh axes as what it accumulates.
+  vma = tuple(sorted(set().union(*(jax.typeof(a).manual_axis_type.varying
+                                   for a in (lhs, rhs, group_sizes)))))
+  if vma:
+    out = jax.lax.pcast(out, vma, to="varying")
+  out, _ = jax.lax.scan(step, out, jnp.arange(W))
   return out[:M]
 
 
 def grouped_matmul_impl(cfg: ModelConfig) -> str:
   if cfg.grouped_matmul != "auto":
     return cfg.grouped_matmul
-  return "select" if cfg.kernel_platform == "cpu" else "ragged_dot"
+  # XLA:CPU's ragged_dot is a dense masked multiply (NaN-unsafe, G times the work): tiled.
+  return "tiled" if cfg.kernel_platform == "cpu" else "ragged_dot"
 
 
 def interpret_kernels(cfg: ModelConfig) -> bool:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flexolmo_jax.model import expert_slots
 from flexolmo_jax.model import expert_parallel
 from flexolmo_jax.model.config import ModelConfig
-from flexolmo_jax.model.grouped_matmul import (grouped_matmul, grouped_matmul_impl,  # noqa: F401
+from flexolmo_jax.model.grouped_matmul import (grouped_matmul, grouped_matmul_impl,
                                                interpret_kernels)
 from flexolmo_jax.model.layers import Array, constrain, dot, dtype_of, param_with_axes
 

@@ -255,6 +255,15 @@ def _workers(workers):
 
 # --- stitch ----------------------------------------------------------------------------------
 
+def merged_dispatch(num_experts: int, top_k: int) -> str:
+  """The merged model's dispatch, for its own size (the 2-expert sources run `dense`).
+
+  dense when every expert sees every token; otherwise dropless: exact, expert-parallel on a
+  mesh with an expert axis, and on CPU a tiled grouped matmul costing ~top_k/E of dense.
+  """
+  return "dense" if top_k == num_experts else "dropless"
+
+
 def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | None = None,
            keep_bias: bool = False, drop: Sequence[str] = (), overwrite: bool = False,
            workers: int | None = None, progress: bool = True,
@@ -290,7 +299,7 @@ def stitch(public, experts: Sequence[tuple[str, object]], out, *, top_k: int | N
     raise StitchError(f"--top-k={k} must be in [1, {E}] for {E} experts")
   out_cfg = pub.cfg.replace(num_experts=E, top_k=k, expert_names=("public",) + tuple(names),
                             expert_bias=keep_bias, norm_topk_prob=exps[0].cfg.norm_topk_prob,
-                            dispatch=exps[0].cfg.dispatch)
+                            dispatch=merged_dispatch(E, k))
 
   pub_r = ParamReader(pub.model_dir, f"the public model {pub.describe()}", moe=False)
   exp_r = [ParamReader(s.model_dir, f"expert {s.describe()}", moe=True) for s in exps]
