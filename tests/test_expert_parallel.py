@@ -186,3 +186,9 @@ def test_layout_only_with_an_expert_axis_that_splits_the_experts():
   assert expert_parallel.moe_transport(cfg.replace(platform="tpu")) == "ragged"
   with pytest.raises(ValueError, match="moe_transport"):
     cfg.replace(moe_transport="ring")
+
+
+def test_stitched_model_dispatch_follows_its_size():
+  from flexolmo_jax.stitch.writer import merged_dispatch
+  assert merged_dispatch(8, 4) == "dropless"  # not the 2-expert sources' dense
+  assert merged_dispatch(4, 4) == "dense"
