@@ -119,7 +119,8 @@ def markdown(results: dict) -> str:
           "collectives GB/chip (AG / RS / AR / A2A / CP) | temporaries GB | largest scores GB | "
           "largest logits GB | roofline step (bound) | est. MFU (calibrated) | wall / peak RSS |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  for key, row in results.items():
+  for key in sorted(results, key=lambda k: list(ROWS).index(k) if k in ROWS else len(ROWS)):
+    row = results[key]
     b, a = row["variants"].get("before"), row["variants"].get("after")
     show = a if a and "model_flops" in a else b
     if show is None or "model_flops" not in show:
@@ -134,7 +135,9 @@ def markdown(results: dict) -> str:
     coll = (f"{c['total'] / GB:.2f} ({' / '.join(f'{c[k] / GB:.2f}' for k in KINDS)})"
             if c else "-")
     bound = (f"{show['roofline_step_s'] * 1e3:.0f} ms ({show['bound']}"
-             + ("" if show["roofline_complete"] else "; HBM/ICI unknown") + ")")
+             + ("" if show["roofline_complete"] else "; HBM/ICI unknown")
+             + ("; costs batch-extrapolated" if show.get("costs_from") == "layers and batch"
+                else "") + ")")
     mfu = _f(show.get("calibrated_mfu") and 100 * show["calibrated_mfu"], "{:.1f}%")
     cost = " + ".join(f"{v['wall_s'] / 60:.1f} min / {v['peak_rss_gib']:.1f} GiB"
                       for v in (b, a) if v)

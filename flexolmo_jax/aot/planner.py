@@ -20,8 +20,11 @@ What a plan reports, per chip unless said otherwise:
   ICI bandwidth), a lower bound on the step time. Model FLOPs over it would be an upper
   bound on MFU, not a prediction; the MFU this planner prints is calibrated on a measured
   anchor instead (calibration.py: MaxText's Mixtral-8x7B on v5p-128).
-A program that does not fit HBM still gets its FLOPs (from the trace) and, when the unrolled
-variants compile, its roofline.
+A program that does not fit HBM still gets its FLOPs (from the trace) and the compiler's own
+count of what it would need. When the unrolled variants do not fit either, their costs come
+from per-chip batches 1 and 2, extrapolated (affinely) to the real batch, as the layers are
+(`costs_from`); when even those do not fit, the roofline is compute-only. (The compiler's HBM
+limit can only be lowered, not lifted: `xla_tpu_max_hbm_size_mib` above the chip is ignored.)
 """
 from __future__ import annotations
 
@@ -141,6 +144,13 @@ def _compile(config, mode, mesh, shape):
     return _compile_traced(_trace(config, mode, mesh, shape))
 
 
+def _with_batch(config, mode: str, batch: int):
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  (c.train if mode == "train" else c.eval).global_batch_size = batch
+  return c, Shape(batch, int(c.train.seq_len))
+
+
 # The TPU compiler's out-of-memory messages (two spellings seen in libtpu 0.0.4x).
 _OOM = (re.compile(r"Used ([0-9.]+)([TGMK])? of ([0-9.]+)([TGMK])? hbm", re.I),
         re.compile(r"memory required for HLO temporaries \(([0-9.]+)([TGMK])?\) exceeds "
@@ -194,18 +204,18 @@ def _memory(compiled) -> dict[str, float]:
           "code_gb": ma.generated_code_size_in_bytes / GB, "total_gb": total / GB}
 
 
-def _extrapolated_costs(config, mode, mesh, shape, n, log):
+def _layer_costs(config, mode, mesh, shape, n, log):
   """Costs of all L layers from unrolled variants (module doc); None if one does not fit."""
   L = config_base.model_config(config).n_layers
   depths = (L,) if L <= 3 else (2, 3)
-  log(f"compiling unrolled {' and '.join(map(str, depths))}-layer variant(s) for HBM and "
-      "collective bytes ...")
+  log(f"compiling unrolled {' and '.join(map(str, depths))}-layer variant(s) at batch "
+      f"{shape.batch} for HBM and collective bytes ...")
   costs = []
   for depth in depths:
-    compiled, oom = _try_compile(lambda: _compile(_layer_variant(config, depth), mode, mesh,
-                                                  shape))
+    compiled, _ = _try_compile(lambda: _compile(_layer_variant(config, depth), mode, mesh,
+                                                shape))
     if compiled is None:
-      log(f"  the {depth}-layer variant does not fit HBM either: no HBM / ICI estimate")
+      log(f"  the {depth}-layer variant at batch {shape.batch} does not fit HBM")
       return None
     costs.append(_costs(compiled, n))
     del compiled
@@ -213,6 +223,26 @@ def _extrapolated_costs(config, mode, mesh, shape, n, log):
     return costs[0]
   c2, c3 = costs
   return {k: c2[k] + (L - 2) * (c3[k] - c2[k]) for k in c2}
+
+
+def _extrapolated_costs(config, mode, mesh, shape, n, log):
+  """(costs of the whole step, how they were obtained) or (None, why not)."""
+  costs = _layer_costs(config, mode, mesh, shape, n, log)
+  if costs is not None:
+    return costs, "layers"
+  per_chip = shape.batch / n
+  if per_chip < 3 or shape.batch % n:
+    return None, "the unrolled variants do not fit HBM"
+  # Per-chip batches 1 and 2, then affine in the batch as in the layers: weight gathers and
+  # gradient reductions are per step, activation work and traffic per sequence.
+  small = []
+  for b in (1, 2):
+    c, sh = _with_batch(config, mode, b * n)
+    small.append(_layer_costs(c, mode, mesh, sh, n, log))
+  if any(c is None for c in small):
+    return None, "the unrolled variants do not fit HBM, even at 1-2 sequences per chip"
+  c1, c2 = small
+  return {k: c1[k] + (per_chip - 1) * (c2[k] - c1[k]) for k in c1}, "layers and batch"
 
 
 def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = None,
@@ -249,6 +279,7 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
   result["compile_s"] = time.time() - t0
   if compiled is None:
     (needed, available, what), message = oom
+    # The compiler's count: of the whole program ("Used X of Y") or of its temporaries alone.
     result.update(fits=False, total_gb=needed / GB, compiler_hbm_gb=available / GB,
                   compiler_counted=what, error=message)
     if what == "temporaries":
@@ -270,12 +301,14 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
       executed_over_model=executed["total"] / model)
 
   if extrapolate:
-    costs = _extrapolated_costs(config, mode, mesh, shape, n, log)
+    costs, costs_from = _extrapolated_costs(config, mode, mesh, shape, n, log)
+  elif compiled is not None:
+    costs, costs_from = _costs(compiled, n), "the compiled step (loop bodies once)"
   else:
-    costs = _costs(compiled, n) if compiled is not None else None
+    costs, costs_from = None, "the step does not fit HBM"
   del compiled
-  t_compute = result["executed_flops_per_chip"] / chip.peak_flops
-  times = {"compute": t_compute}
+  times = {"compute": result["executed_flops_per_chip"] / chip.peak_flops}
+  result["costs_from"] = costs_from
   if costs is not None:
     result.update(
         xla_flops_per_chip=costs["flops"], xla_flops_extrapolated=extrapolate,
@@ -286,9 +319,8 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
     times["ICI"] = costs["coll:total"] / chip.ici_bw
   step = max(times.values())
   result.update(
-      t_compute_s=t_compute, t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
-      roofline_step_s=step, bound=max(times, key=times.get),
-      roofline_complete=costs is not None,
+      t_compute_s=times["compute"], t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
+      roofline_step_s=step, bound=max(times, key=times.get), roofline_complete=costs is not None,
       roofline_tokens_per_s=shape.batch * shape.seq_len / step,
       # An upper bound (module doc); kept for the calibration, never printed as an MFU.
       roofline_mfu_bound=model / (step * chip.peak_flops * n))
@@ -312,7 +344,7 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"  largest single temporaries (by HLO shape): attention scores "
                  f"{_gb(r['largest_scores_gb'])}, logits {_gb(r['largest_logits_gb'])}")
   verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-  what = " (compiler's count of the temporaries alone)" if r.get("compiler_counted") == \
+  what = " (the compiler's count of the temporaries alone)" if r.get("compiler_counted") == \
       "temporaries" else ""
   lines.append(f"  total {_gb(r['total_gb'])}{what} of {r['hbm_gb']:.1f} GB HBM per chip: "
                f"{verdict}")
@@ -326,9 +358,9 @@ def report(r: dict[str, Any]) -> str:
   if r.get("dynamic_loops"):
     lines.append(f"  (executed is a lower bound: {r['dynamic_loops']} while loops with traced trip "
                  "counts, e.g. chunked attention's, are counted once)")
-  if "xla_flops_per_chip" in r:
-    how = "extrapolated from unrolled variants" if r["xla_flops_extrapolated"] else \
-        "loop bodies counted once"
+  if r["roofline_complete"]:
+    how = (f"extrapolated over {r['costs_from']} from unrolled variants"
+           if r["xla_flops_extrapolated"] else "loop bodies counted once")
     lines.append(f"  XLA cost analysis: {r['xla_flops_per_chip']:.3e} FLOPs per chip ({how}), "
                  f"HBM traffic {_gb(r['hbm_bytes_per_chip'] / GB)}")
     c = r["collectives_per_chip"]
@@ -339,7 +371,7 @@ def report(r: dict[str, Any]) -> str:
                  f"{r['t_hbm_s'] * 1e3:.1f} ms, ICI {r['t_ici_s'] * 1e3:.1f} ms -> "
                  f"{r['roofline_step_s'] * 1e3:.1f} ms ({r['bound']}-bound)")
   else:
-    lines.append(f"  roofline (a lower bound, compute only: no HBM / ICI estimate): "
+    lines.append(f"  roofline (a lower bound, compute only: {r['costs_from']}): "
                  f"{r['roofline_step_s'] * 1e3:.1f} ms")
   if r.get("calibrated_mfu") is not None:
     a = calibration.ANCHOR
