@@ -18,7 +18,9 @@ runs the same total; a drop-free balance is assumed) and no one-hot dispatch ein
 dropless path is no option at this scale (it sorts the tokens of the whole global batch:
 2.5 TB of temporaries per chip at 1536 x 4096, planner, 2 layers), and capacity 1.25 with the
 einsum formulation (TPU default; MaxText's dropped variant) executes 1.90x the model FLOPs
-instead of 1.39x, which makes the anchor compare two different programs (calibration.py).
+instead of 1.38x, which would make the anchor compare two different programs. The gather
+dispatch partitions badly under FSDP (all-reduces of 17 TB per chip per step): that is why
+the calibration takes this plan's compute term only (aot/calibration.py).
 Attention: `xla` (the exact reference; the full square, MaxText's flash with 2048 blocks
 computes 3/4 of it); override with `--config.model.attention=splash` once that kernel plans
 for TPU (the planner's result records which one ran).
