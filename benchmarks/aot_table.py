@@ -1,7 +1,7 @@
 """The README's AOT planner table in one command: JSON + a markdown table.
 
   python benchmarks/aot_table.py [--out=/tmp/aot_table] [--rows=KEY,...] [--variants=before,after]
-      [--after="attention=splash,logits_chunk=1024"] [--timeout=3600]
+      [--after="attention=splash,logits_chunk=1024"] [--timeout=3600] [--reuse]
 
 Every (row, variant) is one `python -m flexolmo_jax.aot ... --json_out` child process, run one
 after another (a big TPU compile takes several GB of host memory); its wall time and its own
@@ -10,10 +10,12 @@ peak RSS (wait4) are recorded. Variants:
           scores and [B, T, V] logits)
   after   the config's defaults with the `--after` model overrides (splash attention and a
           chunked LM head + loss)
-A variant left out of --variants is reported as not run. Writes OUT/table.json (every plan,
+A variant left out of --variants is reported as not run; --reuse keeps the plans an earlier
+(interrupted) run left in OUT. Writes OUT/table.json (every plan,
 with its command, wall time and peak RSS) and OUT/table.md; for the Mixtral row, also the
 PLANNER_ANCHOR block for flexolmo_jax/aot/calibration.py that its plan implies (from the
-`before` plan when it ran, else `after`), and every row's MFU estimate is recomputed with it. Needs libtpu (`pip install -e '.[tpu]'`).
+`before` plan when it ran, else `after`), and every row's MFU estimate is recomputed with it.
+Needs libtpu (`pip install -e '.[tpu]'`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GB = 1e9
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+         "collective-permute")
 EXPERT_2X7B = "configs/flexolmo_2x7b.py:math"
 MOE_8X7B = "configs/flexolmo_8x7b.py"
 # Long context needs the rotary table and the data shape to allow it.
@@ -116,7 +119,8 @@ def _pair(b, a, key, fmt="{:.1f}"):
 def markdown(results: dict) -> str:
   head = ("| step | topology (chips) | mesh | batch x seq | per-chip GB, HBM: before -> after | "
           "fits | executed TFLOP/chip: jaxpr / XLA | model TFLOP/chip | executed / model | "
-          "collectives GB/chip (AG / RS / AR / A2A / CP) | temporaries GB | largest scores GB | "
+          "collectives GB/chip (AG / RS / AR / A2A / RA2A / CP) | temporaries GB | "
+          "largest scores GB | "
           "largest logits GB | roofline step (bound) | est. MFU (calibrated) | wall / peak RSS |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for key in sorted(results, key=lambda k: list(ROWS).index(k) if k in ROWS else len(ROWS)):
@@ -132,8 +136,8 @@ def markdown(results: dict) -> str:
     xla = show.get("xla_flops_per_chip")
     flops = f"{show['executed_flops_per_chip'] / 1e12:.0f} / {_f(xla and xla / 1e12, '{:.0f}')}"
     c = show.get("collectives_per_chip")
-    coll = (f"{c['total'] / GB:.2f} ({' / '.join(f'{c[k] / GB:.2f}' for k in KINDS)})"
-            if c else "-")
+    by_kind = " / ".join(f"{c.get(k, 0) / GB:.2f}" for k in KINDS) if c else ""
+    coll = f"{c['total'] / GB:.2f} ({by_kind})" if c else "-"
     bound = (f"{show['roofline_step_s'] * 1e3:.0f} ms ({show['bound']}"
              + ("" if show["roofline_complete"] else "; HBM/ICI unknown")
              + ("; costs batch-extrapolated" if show.get("costs_from") == "layers and batch"

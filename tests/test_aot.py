@@ -144,7 +144,8 @@ def test_eval_step_plan_multislice():
 @needs_libtpu
 def test_cli_exit_status():
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  base = [sys.executable, "-m", "flexolmo_jax.aot", f"--config={ROOT / 'configs' / 'tiny.py'}:expert",
+  base = [sys.executable, "-m", "flexolmo_jax.aot",
+          f"--config={ROOT / 'configs' / 'tiny.py'}:expert",
           "--mode=eval", "--seq_len=64", "--extrapolate=false"]
   p = subprocess.run(base + ["--topology=v5p:2x2x1", "--hbm_gb=0.000001"], capture_output=True,
                      text=True, cwd=ROOT, env=env, timeout=300)
@@ -264,6 +265,8 @@ def test_chip_table_and_hlo_parsers():
       "  %ar-start = (f32[256]{0}, f32[256]{0}) all-reduce-start(%r), "
       "replica_groups=mesh['x'=2,'y'=4] {'y'}",
       "  %ar-done = f32[256]{0} all-reduce-done(%ar-start)",
+      "  %ra = bf16[128,64]{1,0} ragged-all-to-all(%in, %out, %io, %ss, %oo, %rs), "
+      "replica_groups={{0,1}}",
       "  ROOT %add = f32[256]{0} add(%a, %b)",
       "}",
   ])
@@ -271,6 +274,8 @@ def test_chip_table_and_hlo_parsers():
   assert c["all-gather"] == 64 * 1024 * 2 * 3 / 4
   assert c["reduce-scatter"] == 16 * 1024 * 4 * 3
   assert c["all-reduce"] == 2 * 256 * 4 * 3 / 4
-  assert c["total"] == c["all-gather"] + c["reduce-scatter"] + c["all-reduce"]
+  assert c["ragged-all-to-all"] == 128 * 64 * 2 / 2 and c["all-to-all"] == 0
+  assert c["total"] == (c["all-gather"] + c["reduce-scatter"] + c["all-reduce"]
+                        + c["ragged-all-to-all"])
   b = largest_buffers(hlo, seq_len=64, vocab_dims={512, 256}, d_model=64)
   assert b == {"attention_scores": 2 * 4 * 64 * 64 * 4, "logits": 512 * 256 * 4}

@@ -2,8 +2,10 @@
 
 Collectives: each one's bytes moved per chip is estimated from its printed result shape and
 its replica-group size n: all-gather out*(n-1)/n, reduce-scatter out*(n-1), all-reduce
-2*size*(n-1)/n, all-to-all size*(n-1)/n, collective-permute size. Loops are not unrolled
-here: the planner applies this to fully unrolled 2- and 3-layer programs and extrapolates.
+2*size*(n-1)/n, all-to-all size*(n-1)/n, collective-permute size; ragged-all-to-all
+size*(n-1)/n of its (static, worst-case) receive buffer, an upper bound: what it sends is
+decided at run time. Loops are not unrolled here: the planner applies this to fully unrolled
+2- and 3-layer programs and extrapolates.
 
 Buffers: the largest materialised array (an instruction outside fused computations, not a
 parameter, tuple or alias) shaped like attention scores [..., T, T] and like logits
@@ -19,7 +21,8 @@ import re
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "f8e4m3fn": 1,
                 "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+         "collective-permute")
 _LINE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(KINDS)
                    + r")(?P<start>-start)?\(")
 _ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
@@ -76,7 +79,7 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
     frac = (n - 1) / n
     moved = {"all-gather": size * frac, "reduce-scatter": size * (n - 1),
              "all-reduce": 2 * size * frac, "all-to-all": size * frac,
-             "collective-permute": size}[op]
+             "ragged-all-to-all": size * frac, "collective-permute": size}[op]
     out[op] += moved
   out["total"] = sum(out[op] for op in KINDS)
   return out

@@ -199,7 +199,8 @@ def _memory(compiled) -> dict[str, float]:
   ma = compiled.memory_analysis()
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
            + ma.generated_code_size_in_bytes - ma.alias_size_in_bytes)
-  return {"arguments_gb": ma.argument_size_in_bytes / GB, "outputs_gb": ma.output_size_in_bytes / GB,
+  return {"arguments_gb": ma.argument_size_in_bytes / GB,
+          "outputs_gb": ma.output_size_in_bytes / GB,
           "temporaries_gb": ma.temp_size_in_bytes / GB, "aliased_gb": ma.alias_size_in_bytes / GB,
           "code_gb": ma.generated_code_size_in_bytes / GB, "total_gb": total / GB}
 
