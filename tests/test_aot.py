@@ -277,5 +277,11 @@ def test_chip_table_and_hlo_parsers():
   assert c["ragged-all-to-all"] == 128 * 64 * 2 / 2 and c["all-to-all"] == 0
   assert c["total"] == (c["all-gather"] + c["reduce-scatter"] + c["all-reduce"]
                         + c["ragged-all-to-all"])
-  b = largest_buffers(hlo, seq_len=64, vocab_dims={512, 256}, d_model=64)
+  b = largest_buffers(hlo, seq_len=64, vocab_dims={512, 256}, d_model=32)
   assert b == {"attention_scores": 2 * 4 * 64 * 64 * 4, "logits": 512 * 256 * 4}
+  # T == d_model: a [L, B, T, d] remat stack is not scores; only what attention makes is.
+  stack = ('ENTRY %m () -> f32[] {\n  %st = bf16[8,2,64,64]{3,2,1,0} dynamic-update-slice(%a, %b),'
+           ' metadata={op_name="jit(step)/decoder/while/body/dynamic_update_slice"}\n'
+           '  %sc = f32[2,4,64,64]{3,2,1,0} fusion(%q, %k), kind=kOutput, calls=%f, '
+           'metadata={op_name="jit(step)/decoder/layers/self_attn/dot_general"}\n}')
+  assert largest_buffers(stack, 64, {512}, d_model=64)["attention_scores"] == 2 * 4 * 64 * 64 * 4

@@ -31,6 +31,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+(?P<op>[
 # An array and its layout; a layout's S(n), n > 0, puts it outside HBM (e.g. a prefetch copy).
 _LAID_OUT = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\](\{[^}]*\})?")
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_ATTENTION_SCOPES = ("self_attn", "attend", "attention")
 _CALLS = re.compile(r"\bfusion\(.*?calls=%(?P<callee>[^\s,)]+)")
 _ALIASES = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant", "while",
             "conditional", "call")
@@ -86,8 +88,9 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
 
 
 def _materialised(hlo_text: str):
-  """(dtype, dims) of every HBM array an instruction outside fused computations owns (each
-  element of a multi-output fusion's tuple: a matmul fused with its reduction returns both)."""
+  """(dtype, dims, op name) of every HBM array an instruction outside fused computations owns
+  (each element of a multi-output fusion's tuple: a matmul fused with its reduction returns
+  both)."""
   fused = set(_CALLS.findall(hlo_text))
   current = None
   for line in hlo_text.splitlines():
@@ -100,10 +103,11 @@ def _materialised(hlo_text: str):
     m = _INSTRUCTION.match(line)
     if not m or m.group("op") in _ALIASES:
       continue
+    name = _OP_NAME.search(line)
     for dtype, dims, layout in _LAID_OUT.findall(m.group("shape")):
       space = _MEMORY_SPACE.search(layout or "")
       if dtype in _DTYPE_BYTES and not (space and int(space.group(1))):
-        yield dtype, tuple(int(d) for d in dims.split(",") if d)
+        yield dtype, tuple(int(d) for d in dims.split(",") if d), name.group(1) if name else ""
 
 
 def largest_buffers(hlo_text: str, seq_len: int, vocab_dims, d_model: int) -> dict[str, float]:
@@ -112,14 +116,19 @@ def largest_buffers(hlo_text: str, seq_len: int, vocab_dims, d_model: int) -> di
   vocab_dims: the per-chip sizes the vocabulary axis can have (V over each shard count the
   mesh allows), so that an unrelated last dimension that happens to divide V does not count.
   A logits block is [..., T, V / s] or a flattened [tokens, V / s]; a [d / s, V / s] array
-  (a gathered head weight or its gradient) is not one.
+  (a gathered head weight or its gradient) is not one. Scores are [..., T, T]; d_model and the
+  op names (metadata) tell them from [..., T, d] activations when T == d_model.
   """
   vocab_dims = set(vocab_dims)
   scores = logits = 0.0
-  for dtype, dims in _materialised(hlo_text):
+  for dtype, dims, op_name in _materialised(hlo_text):
     size = math.prod(dims) * _DTYPE_BYTES[dtype]
     if len(dims) >= 3 and dims[-1] == dims[-2] == seq_len:
-      scores = max(scores, size)
+      # With T == d_model a [.., T, d] activation (or the remat stack [L, B, T, d]) has the
+      # same trailing dims: then only rank >= 4 arrays made inside the attention count.
+      if seq_len != d_model or (len(dims) >= 4
+                                and any(a in op_name for a in _ATTENTION_SCOPES)):
+        scores = max(scores, size)
     if len(dims) >= 2 and dims[-1] in vocab_dims:
       leading = math.prod(dims[:-1])
       if (len(dims) >= 3 and seq_len in dims[:-1]) or d_model % leading:
