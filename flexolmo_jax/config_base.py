@@ -6,6 +6,8 @@ Later stages (training, evaluation) add their own blocks.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from flexolmo_jax.model.config import ModelConfig
@@ -60,6 +62,20 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
+def step_model_config(config) -> ModelConfig:
+  """The ModelConfig the training step runs: the model block, except in router tuning, which
+  runs top-k = `train.tuning_top_k` (0: every expert, as the reference tunes; dense dispatch)
+  while the exported and evaluated model keeps the configured (inference) top-k."""
+  cfg = model_config(config)
+  if config.get("stage") != "router" or not cfg.is_moe:
+    return cfg
+  k = int(config.train.get("tuning_top_k", 0) or cfg.num_experts)
+  if not 1 <= k <= cfg.num_experts:
+    raise ValueError(f"train.tuning_top_k {k} must be in [1, num_experts={cfg.num_experts}] "
+                     f"(0: all experts)")
+  return cfg.replace(top_k=k, dispatch="dense" if k == cfg.num_experts else cfg.dispatch)
+
+
 # What trains in each stage (regexes over parameter paths; expert slots where stacked).
 STAGE_TRAINABLE = {
     "public": ([".*"], None),
@@ -80,11 +96,17 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
       lr=9e-4, warmup_steps=2000, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.0, clip=1.0,
       router_z_loss=1e-3, output_z_loss=1e-5, load_balance=0.0,
+      # The expert bias trains as theta with bias = -softplus(theta): never positive, never
+      # without a gradient (the reference's min(b, 0) stops learning where b > 0; "min"
+      # trains b itself). bias_init: a new expert's effective bias, -softplus(0) = -log 2.
+      bias_parametrization="softplus", bias_init=-math.log(2.0),
       trainable=trainable, trainable_experts=ml_collections.FieldReference(experts, field_type=list),
       log_every=10, peak_flops_per_device=0.0,
   )
-  if stage == "router":  # router tuning (paper section 1.4)
-    tc.update(lr=2e-3, warmup_steps=100, weight_decay=0.1)
+  if stage == "router":  # router tuning (paper section 1.4; reference OLMoE-7x7B.py)
+    # Every router row (the public one too) and the bias train, all experts active
+    # (tuning_top_k 0 = E); the export keeps model.top_k for inference.
+    tc.update(lr=2e-3, warmup_steps=100, weight_decay=0.1, tuning_top_k=0)
   tc.update(train)
   config.train = ml_collections.ConfigDict(tc)
   # root: relative source/tokenizer paths resolve against it (train.trainer.data_path);

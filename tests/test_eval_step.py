@@ -82,7 +82,7 @@ def test_ensemble_of_different_models_is_the_mixture(moe, tmp_path):
   cfg = moe["cfg"]
   other = save_model(tmp_path / "other", cfg, seed=11)
   members = [(cfg, moe["params"]), (cfg, other)]
-  got = baselines.ensemble_loss(members, _loader(moe, "code"))
+  got = baselines.ensemble_loss(members, _loader(moe, "code"), weighting="uniform")
   total = count = 0.0
   fn = jax.jit(steps.make_logprob_fn(cfg, ()))
   for b in _loader(moe, "code"):

@@ -76,7 +76,7 @@ def test_chunked_token_losses_equal_full(chunk):
 
   mask = jnp.asarray(np.random.default_rng(1).random((B, T)) > 0.4, jnp.float32)
   tc = _tc()
-  aux = {"router_z_loss": jnp.zeros(()), "load_balance_loss": jnp.zeros(()),
+  aux = {"router_z_loss": jnp.zeros((1, B, T)), "load_balance_loss": jnp.zeros(()),
          "expert_prob": jnp.zeros((1, 1)), "expert_fraction": jnp.zeros((1, 1)),
          "dropped": jnp.zeros(())}
   batch = {"targets": t, "loss_mask": mask}

@@ -128,7 +128,7 @@ def test_router_aux_outputs_match_numpy():
   probs = np.exp(logits - lse[..., None])
   top = np.argsort(-probs, axis=-1)[..., :2]
   frac = np.stack([(top == e).any(-1).mean() for e in range(4)])
-  np.testing.assert_allclose(aux["router_z_loss"], np.mean(lse ** 2), rtol=1e-5)
+  np.testing.assert_allclose(aux["router_z_loss"], lse ** 2, rtol=1e-5)  # per token [B, T]
   np.testing.assert_allclose(aux["expert_prob"], probs.mean((0, 1)), rtol=1e-5)
   np.testing.assert_allclose(aux["expert_fraction"], frac, rtol=1e-6)
   np.testing.assert_allclose(aux["load_balance_loss"], 4 * np.sum(frac / 2 * probs.mean((0, 1))),

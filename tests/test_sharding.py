@@ -18,7 +18,7 @@ def _loss_and_logits(cfg):
     logits, aux, _ = FlexOlmo(cfg).apply({"params": params}, ids)
     logp = jax.nn.log_softmax(logits[:, :-1])
     ce = -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-    return ce + 1e-3 * jnp.mean(aux["router_z_loss"]), logits
+    return ce + 1e-3 * jnp.mean(jnp.sum(aux["router_z_loss"], axis=0)), logits
   return jax.value_and_grad(fn, has_aux=True)
 
 

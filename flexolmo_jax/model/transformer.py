@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
     if cfg.is_moe:
       f, aux = MoE(cfg, name="mlp")(h, expert_mask)
     else:
-      f, aux = MLP(cfg, name="mlp")(h), empty_aux(cfg)
+      f, aux = MLP(cfg, name="mlp")(h), empty_aux(cfg, h.shape[:2])
     out = h + RMSNorm(cfg, ("norm",), name="post_feedforward_layernorm")(f)
     out = constrain(out, ("act_batch", "act_length", "act_embed"))
     return out, (new_cache, aux)

@@ -3,7 +3,8 @@
   public  random init, or `init.params` (a model directory, e.g. an imported OLMo-2 7B)
   expert  from the public model directory `init.public`: expert 0 = public FFN, expert 1 = a
           copy of it, router rows = [public embedding, domain embedding] in every layer,
-          expert bias 0 (min(0, 0) = 0: training starts exactly at the public model)
+          expert bias `train.bias_init` (-log 2 = -softplus(0) by default; the two experts
+          are equal, so training starts exactly at the public model whatever the bias)
   router  `init.params`: a stitched N-expert model directory
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def load_embedding(path, d_model: int, what: str) -> np.ndarray:
 
 
 def expert_from_public(public_params, public_cfg: ModelConfig, cfg: ModelConfig,
-                       r_public: np.ndarray, r_domain: np.ndarray):
+                       r_public: np.ndarray, r_domain: np.ndarray, bias_init: float = 0.0):
   """Build the 2-expert training model from the dense public model's params."""
   if public_cfg.is_moe:
     raise InitError("init.public must be a dense public model (num_experts == 0)")
@@ -59,7 +60,10 @@ def expert_from_public(public_params, public_cfg: ModelConfig, cfg: ModelConfig,
   router = np.stack([r_public, r_domain])[None].repeat(L, axis=0)  # [L, 2, d]
   moe["router"] = jnp.asarray(router, dtype=mlp["gate_proj"].dtype)
   if cfg.expert_bias:
-    moe["router_bias"] = jnp.zeros((L, 2), mlp["gate_proj"].dtype)
+    if bias_init > 0:
+      raise InitError(f"train.bias_init {bias_init} must be <= 0 (an effective bias)")
+    # Effective values (<= 0), as a model directory stores them; slot 0 (public) is never used.
+    moe["router_bias"] = jnp.asarray([[0.0, bias_init]] * L, mlp["gate_proj"].dtype)
   new_layers = dict(layers, mlp=moe)
   return dict(public_params, decoder=dict(public_params["decoder"], layers=new_layers))
 
@@ -101,7 +105,8 @@ def initial_params(config, cfg: ModelConfig, shardings, rng, mesh=None, rules=No
     # device: no host ever holds the whole model.
     public_sh = param_shardings(public_cfg, mesh, rules) if mesh is not None else None
     public_params = model_io.load_params(ic.public, public_cfg, public_sh)
-    build = lambda p: expert_from_public(p, public_cfg, cfg, r_pub, r_dom)
+    bias_init = float(config.train.get("bias_init", 0.0))
+    build = lambda p: expert_from_public(p, public_cfg, cfg, r_pub, r_dom, bias_init)
     params = jax.jit(build, out_shardings=shardings)(public_params)
     return params, {"from": str(ic.public), "public_meta": model_io.read_meta(ic.public),
                     "public_embedding": str(ic.public_embedding),

@@ -84,8 +84,12 @@ def objective_from_token_losses(ce, lse, aux, batch, tc):
   n = jnp.maximum(jnp.sum(mask), 1.0)
   ce = jnp.sum(ce * mask) / n
   output_z = jnp.sum(jnp.square(lse) * mask) / n
-  router_z = jnp.mean(aux["router_z_loss"])
-  balance = jnp.mean(aux["load_balance_loss"])
+  # Router terms as OLMo-core combines them (nn/moe/loss.py, train_module.py): each layer's
+  # z-loss is its sum of logsumexp^2 over tokens divided by the batch's loss tokens (here:
+  # over loss tokens only, as the cross-entropy), and every layer's term is added to the
+  # loss: a sum over layers, as is the load-balance term's.
+  router_z = jnp.sum(aux["router_z_loss"] * mask) / n
+  balance = jnp.sum(aux["load_balance_loss"])
   loss = ce + tc.router_z_loss * router_z + tc.output_z_loss * output_z + tc.load_balance * balance
   metrics = {"loss": loss, "ce": ce, "router_z_loss": router_z, "output_z_loss": output_z,
              "load_balance_loss": balance, "tokens": n,

@@ -13,6 +13,12 @@ Frozen means free: `model_variables` hands such a split leaf to the model as two
 computed; and frozen leaves that only ever enter matmuls are held in the compute dtype
 (`split(..., compute_dtype=...)`): every matmul casts its operands to it anyway, so the
 results are the same while the frozen half takes half the memory and half the gather bytes.
+
+The learned expert bias may train under another parametrisation than the value the model
+applies (`bias_parametrization`): with "softplus" the trainable leaf is theta and the bias is
+-softplus(theta), never positive and never without a gradient (the reference's min(b, 0)
+stops learning wherever b > 0). `split` takes effective biases (<= 0, as every model
+directory stores them) to theta, `model_variables` and `merge` give effective values back.
 """
 from __future__ import annotations
 
@@ -33,6 +39,21 @@ MATMUL_ONLY = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj"
                "up_proj", "down_proj")
 
 Flat = dict[str, Any]
+
+BIAS_LEAF = "router_bias"
+BIAS_PARAMETRIZATIONS = ("min", "softplus")
+# Effective biases closer to 0 than this map to theta = softplus^-1(this) (about -13.8).
+_BIAS_FLOOR = 1e-6
+
+
+def bias_to_theta(b):
+  """Effective bias b <= 0 -> theta with -softplus(theta) == b (b >= 0 clipped to -1e-6)."""
+  y = jnp.maximum(-b.astype(jnp.float32), _BIAS_FLOOR)
+  return (y + jnp.log(-jnp.expm1(-y))).astype(b.dtype)  # log(expm1(y)), stable for large y
+
+
+def theta_to_bias(theta):
+  return (-jax.nn.softplus(theta.astype(jnp.float32))).astype(theta.dtype)
 
 
 def path_str(path) -> str:
@@ -70,6 +91,16 @@ class LeafRule:
 @dataclasses.dataclass(frozen=True)
 class Partition:
   rules: tuple[tuple[str, LeafRule], ...]
+  bias_parametrization: str = "min"  # min (train b itself, applied as min(b, 0)) | softplus
+
+  def _reparam(self, key: str) -> bool:
+    return self.bias_parametrization == "softplus" and key.rsplit("/", 1)[-1] == BIAS_LEAF
+
+  def _effective(self, key: str, x):
+    """A trainable leaf as the model applies it: the bias as -softplus(theta) or min(b, 0)."""
+    if key.rsplit("/", 1)[-1] != BIAS_LEAF:
+      return x
+    return theta_to_bias(x) if self._reparam(key) else jnp.minimum(x, 0)
 
   def rule(self, key: str) -> LeafRule:
     return dict(self.rules)[key]
@@ -87,6 +118,8 @@ class Partition:
         trainable[key] = jnp.take(x, jnp.asarray(r.slots), axis=r.axis)
         if r.frozen_slots:
           frozen[key] = jnp.take(x, jnp.asarray(r.frozen_slots), axis=r.axis)
+      if key in trainable and self._reparam(key):
+        trainable[key] = bias_to_theta(trainable[key])
       if key in frozen:
         frozen[key] = frozen[key].astype(self.frozen_dtype(key, frozen[key].dtype, compute_dtype))
     return trainable, frozen
@@ -102,6 +135,7 @@ class Partition:
     """(trainable, frozen) -> the variables the model is applied with: params, and each leaf
     split by expert slots as separate operands in the "expert_slots" collection."""
     params, slots = {}, {}
+    trainable = {k: self._effective(k, x) for k, x in trainable.items()}
     for key, r in self.rules:
       if r.slots is None:
         params[key] = trainable[key] if r.trainable else frozen[key]
@@ -116,8 +150,10 @@ class Partition:
     return variables
 
   def merge(self, trainable: Flat, frozen: Flat) -> dict:
-    """(trainable, frozen) -> the full nested param tree the model takes."""
+    """(trainable, frozen) -> the full nested param tree the model takes (effective biases:
+    what a model directory stores)."""
     flat = {}
+    trainable = {k: self._effective(k, x) for k, x in trainable.items()}
     for key, r in self.rules:
       if r.slots is None:
         flat[key] = trainable[key] if r.trainable else frozen[key]
@@ -128,6 +164,8 @@ class Partition:
         order = list(r.slots) + list(r.frozen_slots)
         inverse = [order.index(i) for i in range(r.size)]
         flat[key] = jnp.take(both, jnp.asarray(inverse), axis=r.axis)
+      if key.rsplit("/", 1)[-1] == BIAS_LEAF:  # [..., E]: the public slot never has a bias
+        flat[key] = flat[key].at[..., 0].set(0)
     return unflatten(flat)
 
   def trainable_keys(self) -> list[str]:
@@ -142,12 +180,15 @@ class Partition:
 
 
 def make_partition(abstract_params, logical_axes, patterns: Sequence[str],
-                   trainable_experts: Sequence[int] | None = None) -> Partition:
+                   trainable_experts: Sequence[int] | None = None,
+                   bias_parametrization: str = "min") -> Partition:
   """Leaves whose path matches any regex in `patterns` (re.search) train.
 
   With `trainable_experts`, matched leaves that have an expert axis ('exp') train only those
-  slots; the other slots are frozen.
+  slots; the other slots are frozen. `bias_parametrization`: see the module docstring.
   """
+  if bias_parametrization not in BIAS_PARAMETRIZATIONS:
+    raise ValueError(f"bias_parametrization {bias_parametrization!r} not in {BIAS_PARAMETRIZATIONS}")
   if not patterns:
     raise ValueError("no trainable parameters: config.train.trainable is empty")
   compiled = [re.compile(p) for p in patterns]
@@ -177,7 +218,7 @@ def make_partition(abstract_params, logical_axes, patterns: Sequence[str],
   if unused:
     raise ValueError(f"trainable patterns match no parameter: {unused}; "
                      f"parameters are {sorted(shapes)}")
-  return Partition(tuple(rules))
+  return Partition(tuple(rules), bias_parametrization)
 
 
 def sliced_shape(shape, rule: LeafRule, trainable: bool):

@@ -41,10 +41,10 @@ def make_step_fn(cfg, partition, tx, schedule, tc, rules):
     """Gradient of the whole batch from `accum` micro-batches, one at a time (a scan), so
     activation memory is that of one micro-batch.
 
-    Token-mean terms (cross-entropy, output z-loss) are weighted by each micro-batch's share
-    of the batch's loss tokens, per-layer router means by 1/accum: the sum is then the
-    full-batch loss and gradient exactly, except the load-balance term (a product of batch
-    means), which becomes the mean of the micro-batches' terms.
+    Token-mean terms (cross-entropy, output and router z-loss) are weighted by each
+    micro-batch's share of the batch's loss tokens: the sum is then the full-batch loss and
+    gradient exactly, except the load-balance term (a product of batch means), which becomes
+    the mean of the micro-batches' terms.
     """
     B = batch["input_ids"].shape[0]
     if B % accum:
@@ -60,10 +60,10 @@ def make_step_fn(cfg, partition, tx, schedule, tc, rules):
 
     def micro_loss(p, mb):
       _, m = loss_fn(p, frozen, mb)
-      token_terms = m["ce"] + tc.output_z_loss * m["output_z_loss"]
-      router_terms = (tc.router_z_loss * m["router_z_loss"]
-                      + tc.load_balance * m["load_balance_loss"])
-      return token_terms * (m["tokens"] / total_tokens) + router_terms / accum, m
+      token_terms = (m["ce"] + tc.output_z_loss * m["output_z_loss"]
+                     + tc.router_z_loss * m["router_z_loss"])
+      balance = tc.load_balance * m["load_balance_loss"]
+      return token_terms * (m["tokens"] / total_tokens) + balance / accum, m
 
     def one(acc, mb):
       (part, m), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
@@ -71,8 +71,9 @@ def make_step_fn(cfg, partition, tx, schedule, tc, rules):
       acc_g, acc_m = acc
       acc_g = jax.tree.map(jnp.add, acc_g, g)
       # loss: the surrogate's parts sum to the batch loss; token means weighted by tokens;
-      # counts summed; every other metric (per-layer router means) averaged.
-      weight = {"loss": None, "ce": w, "output_z_loss": w, "tokens": 1, "dropped": 1}
+      # counts summed; every other metric (load balance, expert shares) averaged.
+      weight = {"loss": None, "ce": w, "output_z_loss": w, "router_z_loss": w, "tokens": 1,
+                "dropped": 1}
       acc_m = {k: acc_m[k] + (part if k == "loss" else
                               (m[k] * weight[k] if k in weight else m[k] / accum).astype(acc_m[k].dtype))
                for k in acc_m}

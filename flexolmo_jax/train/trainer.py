@@ -115,7 +115,7 @@ class TrainingSetup:
   what trains, every sharding, the optimizer and the jitted step. The AOT planner lowers the
   same step for a TPU topology."""
   config: Any
-  cfg: Any
+  cfg: Any  # what the step runs (router tuning: top-k = tuning_top_k)
   mesh: Any
   rules: Any
   partition: Any
@@ -125,6 +125,7 @@ class TrainingSetup:
   trainable_shardings: dict
   frozen_shardings: dict
   batch_shardings: dict
+  export_cfg: Any = None  # what is exported and evaluated (the config's model block)
   state_shardings: Any = None
 
   def abstract_trainable_frozen(self):
@@ -186,7 +187,7 @@ class TrainingSetup:
 
 
 def setup_training(config, mesh=None, devices=None) -> TrainingSetup:
-  cfg = config_base.model_config(config)
+  cfg = config_base.step_model_config(config)
   if not cfg.scan_layers:
     raise TrainingError("training needs model.scan_layers=True")
   tc = config.train
@@ -195,14 +196,15 @@ def setup_training(config, mesh=None, devices=None) -> TrainingSetup:
   shapes = abstract_params(cfg)
   full_sh = logical_shardings(param_logical_axes(cfg), shapes, mesh, rules)
   partition = make_partition(shapes, param_logical_axes(cfg), list(tc.trainable),
-                             None if tc.trainable_experts is None else list(tc.trainable_experts))
+                             None if tc.trainable_experts is None else list(tc.trainable_experts),
+                             tc.get("bias_parametrization", "min"))
   t_sh, f_sh = _split_shardings(partition, full_sh, shapes, mesh)
   B, T = int(tc.global_batch_size), int(tc.seq_len)
   batch_sh = {k: activation_sharding(mesh, ("act_batch", "act_length"), (B, T), rules)
               for k in BATCH_KEYS}
   tx, schedule = make_optimizer(tc)
   return TrainingSetup(config, cfg, mesh, rules, partition, tx, schedule, full_sh, t_sh, f_sh,
-                       batch_sh)
+                       batch_sh, export_cfg=config_base.model_config(config))
 
 
 def train(config, workdir, devices=None) -> dict:
@@ -350,8 +352,8 @@ def train(config, workdir, devices=None) -> dict:
                    "workdir": str(workdir)}
     if config.export and (not model_io.is_model_dir(export_dir)
                           or model_io.read_meta(export_dir).get("step") != final_step):
-      model_io.save_model_dir(export_dir, params, cfg, export_meta, overwrite=True)
-    eval_results = evaluate(params, cfg, rules, config, mesh, {
+      model_io.save_model_dir(export_dir, params, setup.export_cfg, export_meta, overwrite=True)
+    eval_results = evaluate(params, setup.export_cfg, rules, config, mesh, {
         k: activation_sharding(mesh, ("act_batch", "act_length"),
                                (int(config.eval.global_batch_size), T), rules)
         for k in BATCH_KEYS})
