@@ -42,7 +42,8 @@ def step_runner(cfg: ModelConfig, stage: str, batch: int, seq: int):
   tc = add_training(ml_collections.ConfigDict(), stage, steps=1000, warmup_steps=10).train
   shapes = abstract_params(cfg)
   partition = make_partition(shapes, param_logical_axes(cfg), patterns, experts)
-  trainable, frozen = partition.split(init_params(cfg, jax.random.key(0)))
+  # Frozen leaves held as the trainer holds them (matmul-only ones in the compute dtype).
+  trainable, frozen = partition.split(init_params(cfg, jax.random.key(0)), compute_dtype=cfg.dtype)
   tx, schedule = make_optimizer(tc)
   state = init_state(trainable, tx)
   step = jax.jit(make_step_fn(cfg, partition, tx, schedule, tc, DEFAULT_RULES), donate_argnums=(0,))
