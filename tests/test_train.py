@@ -122,6 +122,18 @@ def test_resume_refuses_a_different_init(public_model, tmp_path):
     train(config, tmp_path)
 
 
+def test_resume_refuses_another_bias_parametrization(public_model, tmp_path):
+  """A checkpoint's bias leaf is theta (softplus) or b (min): never read one as the other."""
+  config = expert_config(public_model, steps=2, log_every=1)
+  config.eval.sources = {}
+  assert config.train.bias_parametrization == "softplus"
+  train(config, tmp_path)
+  config.train.steps = 4
+  config.train.bias_parametrization = "min"
+  with pytest.raises(TrainingError, match="bias_parametrization=softplus"):
+    train(config, tmp_path)
+
+
 def test_bad_init_inputs_are_clear(public_model, tmp_path):
   from flexolmo_jax.train.init import InitError
   config = expert_config(public_model, steps=2)

@@ -233,7 +233,8 @@ def train(config, workdir, devices=None) -> dict:
     state_sh = setup.state_shardings
     meta = {"stage": config.stage, "model": cfg.to_dict(), "init": provenance,
             "init_fingerprint": fingerprint(provenance), "data": _data_fingerprint(config),
-            "trainable": partition.describe()}
+            "trainable": partition.describe(),
+            "bias_parametrization": partition.bias_parametrization}
     source = frozen_source(config)
     if source and f_sh:
       # Frozen leaves are rebuilt from `source` at every start, never checkpointed: a source
@@ -257,6 +258,15 @@ def train(config, workdir, devices=None) -> dict:
               f"with {(saved_meta['frozen_sha256'].get(diff) or 'none')[:16]}... Resuming would "
               f"train against a different frozen model: restore the source or use a new "
               f"--workdir.")
+      # The bias leaf of a checkpoint is theta under "softplus", b itself under "min";
+      # checkpoints from before the choice existed hold b.
+      saved_bias = saved_meta.get("bias_parametrization", "min")
+      if cfg.expert_bias and saved_bias != meta["bias_parametrization"]:
+        raise TrainingError(
+            f"{workdir} holds a checkpoint (step {step}) whose expert bias trains as "
+            f"{saved_bias!r}, but train.bias_parametrization is "
+            f"{meta['bias_parametrization']!r}: resume with "
+            f"--config.train.bias_parametrization={saved_bias}, or use a new --workdir.")
       for key in ("init_fingerprint", "data", "stage"):
         if saved_meta.get(key) != json.loads(json.dumps(meta[key])):
           raise TrainingError(
