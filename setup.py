@@ -21,6 +21,7 @@ CORE = [
     "absl-py>=2.1",
     "matplotlib>=3.8",
     "zstandard>=0.22",
+    "rapidfuzz>=3",  # normalised Levenshtein similarity for the extraction test
 ]
 
 EXTRAS = {

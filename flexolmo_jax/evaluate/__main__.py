@@ -2,11 +2,16 @@
 
   python -m flexolmo_jax.evaluate --ckpt=DIR --data=DATA [--tasks=a.jsonl,b.jsonl]
       [--exclude=NAME,... | --opt-out-matrix] --out=OUT [--seq_len=N --batch_size=N]
+      [--extraction=train --extraction_docs=32 --extraction_prefix=32 --extraction_tokens=256]
 
 --ckpt   a model directory (stitched, exported, converted) or a training workdir (its export/)
 --data   'name=DATASET,...', one prepared dataset, or a directory of them (one domain per
          subdirectory; DATA/tokenizer.json is used when present, else pass --tokenizer)
 --tasks  multiple-choice JSONL files (format: flexolmo_jax/evaluate/multiple_choice.py)
+--extraction SPLIT: verbatim extraction of that split's documents of every --data domain,
+         for every row (evaluate/extraction.py; the reference's protocol is the default:
+         32-token prefix, 256 greedy tokens, normalised Levenshtein similarity >= 0.9).
+         --noperplexity skips perplexity (extraction and tasks only).
 Writes OUT/results.json, OUT/results.md and OUT/routing.png (share of tokens per expert,
 per domain and layer). Multi-host: run the same command on every host (TPU pods initialise
 jax.distributed themselves; elsewhere --coordinator_address/--num_processes/--process_id).
@@ -40,6 +45,17 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch (sequences).", flag
 _SPLIT = flags.DEFINE_string("split", "validation", "Dataset split.", flag_values=FLAGS)
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Batches per domain (quick looks).",
                                     flag_values=FLAGS)
+_EXTRACTION = flags.DEFINE_string(
+    "extraction", "", "Split whose documents are tested for verbatim extraction (e.g. train).",
+    flag_values=FLAGS)
+_EX_DOCS = flags.DEFINE_integer("extraction_docs", 32, "Documents per domain.", flag_values=FLAGS)
+_EX_PREFIX = flags.DEFINE_integer("extraction_prefix", 32, "Prompt tokens.", flag_values=FLAGS)
+_EX_TOKENS = flags.DEFINE_integer("extraction_tokens", 256, "Generated (greedy) tokens.",
+                                  flag_values=FLAGS)
+_EX_THRESHOLD = flags.DEFINE_float("extraction_threshold", 0.9, "Similarity that counts as "
+                                   "extracted.", flag_values=FLAGS)
+_PERPLEXITY = flags.DEFINE_bool("perplexity", True, "Perplexity on --data (--noperplexity: off).",
+                                flag_values=FLAGS)
 _LOAD = cli.ModelLoadFlags(FLAGS)
 _NO_ROUTING = flags.DEFINE_bool("no_routing", False, "Skip routing statistics.", flag_values=FLAGS)
 _DIST = cli.DistributedFlags(FLAGS)
@@ -53,6 +69,7 @@ def _main(argv) -> int:
   del argv
   _DIST.init()
   import jax
+  from flexolmo_jax.evaluate.extraction import ExtractionOptions
   from flexolmo_jax.evaluate.report import markdown, write_all
   from flexolmo_jax.evaluate.run import EvalOptions, evaluate
   config = _CONFIG.value
@@ -62,7 +79,12 @@ def _main(argv) -> int:
       opt_out_matrix=_MATRIX.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
       split=_SPLIT.value, max_batches=_MAX_BATCHES.value, mesh=config.mesh.to_dict(),
       axis_rules=config.get("axis_rules"), dispatch=_LOAD.dispatch.value,
-      param_dtype=_LOAD.param_dtype.value, routing=not _NO_ROUTING.value)
+      param_dtype=_LOAD.param_dtype.value, routing=not _NO_ROUTING.value,
+      perplexity=_PERPLEXITY.value,
+      extraction=ExtractionOptions(
+          split=_EXTRACTION.value, num_docs=_EX_DOCS.value, prefix_len=_EX_PREFIX.value,
+          gen_len=_EX_TOKENS.value, threshold=_EX_THRESHOLD.value,
+          batch_size=_BATCH.value) if _EXTRACTION.value else None)
   results = evaluate(opts)  # DataError, ModelDirError, ValueError: cli.run, exit 1
   if jax.process_index() == 0:
     files = write_all(results, _OUT.value)

@@ -47,7 +47,24 @@ def markdown(results: dict) -> str:
         out.append(f"| {d} | " + " | ".join(f"{s:.3f}" for s in share) + " |")
       out.append("")
       break  # the first row (all experts, or the requested subset)
+  if results.get("extraction"):
+    out += [extraction_table(results), ""]
   return "\n".join(out)
+
+
+def extraction_table(results: dict) -> str:
+  """Per expert subset and domain: % of training documents extracted (mean similarity)."""
+  ex = results["extraction"]
+  domains = ex["domains"]
+  lines = [f"Verbatim extraction from the `{ex['split']}` split: {ex['prefix_len']}-token prefix, "
+           f"{ex['gen_len']} greedy tokens, extracted when the normalised Levenshtein "
+           f"similarity is >= {ex['threshold']}; % extracted (mean similarity).", "",
+           "| experts | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+  for name, row in results["rows"].items():
+    cells = [f"{100 * row['extraction'][d]['extracted']:.1f} "
+             f"({row['extraction'][d]['similarity']:.3f})" for d in domains]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def routing_heatmap(results: dict, row_name: str, path) -> bool:

@@ -1,4 +1,5 @@
-"""evaluate(): load a model onto a mesh, then perplexity and multiple choice per expert subset."""
+"""evaluate(): load a model onto a mesh, then perplexity, multiple choice and verbatim
+extraction per expert subset."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from flexolmo_jax.inference.load import load_model
 from flexolmo_jax.storage.sources import resolve_model_dir
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.data import load_tokenizer, tokenizer_info
+from flexolmo_jax.evaluate import extraction as extraction_lib
 from flexolmo_jax.evaluate import multiple_choice, perplexity, steps
 from flexolmo_jax.evaluate.subsets import subsets_for
 from flexolmo_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
@@ -34,6 +36,8 @@ class EvalOptions:
   dispatch: str | None = None  # override the model's MoE dispatch (e.g. dropless)
   param_dtype: str | None = None  # e.g. bfloat16: cast weights on load (half the memory)
   routing: bool = True
+  perplexity: bool = True  # False: only tasks / extraction on the --data domains
+  extraction: extraction_lib.ExtractionOptions | None = None  # None: no extraction
 
 
 def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
@@ -56,8 +60,13 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
                        f"vocabulary is {cfg.vocab_size}")
   tasks = [multiple_choice.load_task(t, tokenizer, cfg.eos_token_id, cfg.vocab_size)
            for t in opts.tasks]
-  if not domains and not tasks:
+  if opts.extraction and not domains:
+    raise ValueError("extraction reads the training documents of --data: pass --data")
+  if not (domains and (opts.perplexity or opts.extraction)) and not tasks:
     raise ValueError("nothing to evaluate: pass --data and/or --tasks")
+  # Documents are read (and bad splits reported) before the model is loaded.
+  docs = {d: extraction_lib.sample_documents(p, tok_path, cfg.eos_token_id, opts.extraction)
+          for d, p in domains.items()} if opts.extraction else {}
 
   cfg, params = load_model(path, mesh, rules, dispatch=opts.dispatch,
                                    param_dtype=opts.param_dtype)
@@ -66,9 +75,10 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
   seq_len = opts.seq_len or cfg.max_seq_len
   log(f"model {path}: {cfg.num_experts} experts {list(cfg.names) if cfg.is_moe else ''}; "
       f"rows: {[s.name for s in subsets]}")
-  rows = {s.name: {"exclude": list(s.exclude), "perplexity": {}, "tasks": {}} for s in subsets}
+  rows = {s.name: {"exclude": list(s.exclude), "perplexity": {}, "tasks": {}, "extraction": {}}
+          for s in subsets}
   with jax.set_mesh(mesh):
-    if domains:
+    if domains and opts.perplexity:
       step = steps.jit_step(steps.make_loss_fn(cfg, rules, routing=opts.routing), p_sh, mesh,
                             rules, B, seq_len)
       ppl = perplexity.evaluate_domains(step, params, cfg, domains, tok_path, seq_len, B,
@@ -85,10 +95,18 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
                                          steps.batch_shardings(mesh, rules, B, T))
         for name, r in res.items():
           rows[name]["tasks"][task.name] = r
+    if docs:
+      rates = extraction_lib.extraction_rates(params, cfg, docs, subsets, opts.extraction,
+                                              vocab_limit=info.vocab_size, log=log)
+      for name, res in rates.items():
+        rows[name]["extraction"] = res
   return {
       "model": {"path": str(path), "num_experts": cfg.num_experts, "top_k": cfg.top_k,
                 "experts": list(cfg.names) if cfg.is_moe else [], "dispatch": cfg.dispatch},
       "split": opts.split, "seq_len": seq_len, "batch_size": B,
-      "domains": list(domains), "tasks": [t.name for t in tasks], "rows": rows,
+      "domains": list(domains) if opts.perplexity else [], "tasks": [t.name for t in tasks],
+      "extraction": ({**dataclasses.asdict(opts.extraction), "domains": list(docs)}
+                     if docs else None),
+      "rows": rows,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "seconds": time.time() - t0,
   }
