@@ -23,14 +23,15 @@ def test_demo_tiny_end_to_end_and_resume(tmp_path):
                "merged/model_config.json", "flexmix_mini/proxy_math/1.0.0",
                "router/export/model_config.json", "eval/merged_untuned/results.json",
                "eval/merged/results.json", "eval/merged/routing.png",
-               "eval/baselines.json", "hf/config.json", "training_curves.png", "report.md"]:
+               "eval/baselines.json", "eval/extraction/results.json", "hf/config.json", "training_curves.png", "report.md"]:
     assert (tmp_path / path).exists(), path
   check = json.loads((tmp_path / "hf_check.json").read_text())
   assert check["class"] == "FlexOlmoForCausalLM" and check["max_abs_diff"] <= 1e-4
   report = (tmp_path / "report.md").read_text()
   for row in ["| public |", "merged: all experts", "merged: -math", "merged: public only",
               "merged before router tuning",
-              "model soup", "BTM ensemble", "Findings:"]:
+              "model soup", "BTM ensemble", "Findings:", "Verbatim extraction",
+              "- opting out math: extracted"]:
     assert row in report, row
   # The merged model with only the public expert is the public model.
   rows = json.loads((tmp_path / "eval" / "merged" / "results.json").read_text())["rows"]

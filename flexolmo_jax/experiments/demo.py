@@ -16,7 +16,8 @@ demo resumes where it stopped:
   7. evaluate per-domain perplexity: the public model, each 2-expert model, the merged model
      with every expert subset (all, each opted out, public only), the merged model before
      router tuning, and the baselines (model soup; BTM: the 2-expert models' output ensemble
-     weighted by a domain posterior, and its uniform-weight variant);
+     weighted by a domain posterior, and its uniform-weight variant); verbatim extraction
+     of each domain's training documents by the merged model, each expert opted in and out;
   8. export the merged model to transformers and check its logits against ours;
   9. write report.md with the table, training curves and the routing heatmap.
 """
@@ -231,6 +232,11 @@ class Demo:
     jobs.update({f"expert_{d}": (self.work / f"expert_{d}", []) for d in DOMAINS})
     if self.router_tuning:
       jobs["merged_untuned"] = (self.work / "merged", [])
+    # The reference's extraction protocol, scaled down (32-token prefixes, shorter generation).
+    docs, tokens = (16, 64) if self.scale == "small" else (4, 16)
+    jobs["extraction"] = (self.final, ["--opt-out-matrix", "--noperplexity", "--extraction=train",
+                                       f"--extraction_docs={docs}", "--extraction_prefix=32",
+                                       f"--extraction_tokens={tokens}", f"--batch_size={docs}"])
     baselines = self.work / "eval" / "baselines.json"
     done = lambda name: _evaluated(self.work / "eval" / name / "results.json", jobs[name][0])
     if baselines.exists() and all(done(n) for n in jobs):
@@ -319,6 +325,7 @@ class Demo:
       lines.append(f"| {name} | " + " | ".join(
           f"{math.exp(r[d]):.2f} ({r[d]:.3f})" for d in EVAL_DOMAINS) + " |")
     lines += ["", *self._findings(rows), "", *self._bias_section(), "",
+              *self._extraction_section(), "",
               f"transformers export: `{hf_check['class']}`, max |logit difference| "
               f"{hf_check['max_abs_diff']:.2e} (fp32), within 1e-4: {hf_check['matches_1e-4']}", "",
               f"![training curves]({curves.name})", f"![routing](eval/merged/{routing.name})", "",
@@ -362,6 +369,26 @@ class Demo:
       out.append(f"| {d} | {', '.join(f'{b:.3f}' for b in r['bias'])} | "
                  f"{r['public_with']:.3f} / {r['public_without']:.3f} | "
                  f"{r[d + '_with']:.3f} / {r[d + '_without']:.3f} |")
+    return out
+
+  def _extraction_section(self) -> list[str]:
+    """The extraction table (merged model, every expert subset) and, per owner, what opting
+    its expert out does to the extraction of its own training documents."""
+    from flexolmo_jax.evaluate.report import extraction_table
+    results = json.loads((self.work / "eval" / "extraction" / "results.json").read_text())
+    rows = results["rows"]
+    out = [extraction_table(results), ""]
+    public = next((r for name, r in rows.items() if name.endswith(" only")), None)
+    for d in DOMAINS:
+      if f"-{d}" not in rows:
+        continue
+      on, off = rows["all experts"]["extraction"][d], rows[f"-{d}"]["extraction"][d]
+      line = (f"- opting out {d}: extracted {100 * on['extracted']:.1f}% -> "
+              f"{100 * off['extracted']:.1f}% of its training documents, mean similarity "
+              f"{on['similarity']:.3f} -> {off['similarity']:.3f}")
+      if public is not None:
+        line += f" (public model {public['extraction'][d]['similarity']:.3f})"
+      out.append(line + ".")
     return out
 
   def _findings(self, rows) -> list[str]:
