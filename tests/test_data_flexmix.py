@@ -65,7 +65,8 @@ def test_build_is_deterministic_and_refuses_to_clobber(mini, tmp_path):
         stats = json.load(open(os.path.join(root, "flexmix_mini.json")))
         metas = [json.load(open(os.path.join(root, n, "1.0.0", "metadata.json")))["splits"]
                  for n in build.DOMAINS]
-        return stats, metas
+        tasks = [open(os.path.join(root, "tasks", f"{n}.jsonl")).read() for n in build.DOMAINS]
+        return stats, metas, tasks
 
     assert fingerprint(again) == fingerprint(mini)
     with pytest.raises(DataError, match="already exists"):
@@ -109,3 +110,26 @@ def _quadratic_coefficients(text: str) -> tuple[int, int]:
         return int(s + "1") if s in "+-" else int(s)
 
     return num(lin, 0), num(const, 0)
+
+
+def test_downstream_tasks_are_held_out_and_load_in_the_evaluator(mini):
+    from flexolmo_jax.evaluate import multiple_choice
+    stats = json.load(open(os.path.join(mini, "flexmix_mini.json")))
+    tok = load_tokenizer(os.path.join(mini, "tokenizer.json"))
+    for domain in build.DOMAINS:
+        path = os.path.join(mini, "tasks", f"{domain}.jsonl")
+        items = [json.loads(line) for line in open(path)]
+        assert len(items) == stats["tasks"][domain] > 0
+        task = multiple_choice.load_task(path, tok, eos_id=0)
+        assert len(task.examples) == len(items)
+        train = "\x00".join(sample_documents(os.path.join(mini, domain), 10**6, 0, "train"))
+        valid = sample_documents(os.path.join(mini, domain), 10**6, 0, "validation")
+        for it in items:
+            gold = it["choices"][it["gold"]]
+            assert len(it["choices"]) == len(set(it["choices"])) == 4
+            if domain == "math":
+                assert it["context"].endswith("Answer:") and "Solution:" in it["context"]
+                assert it["context"] + gold + "\n" not in train
+            else:  # the right choice is the line that really follows the context
+                assert any(it["context"] + gold in doc for doc in valid)
+                assert it["context"][-60:] + gold not in train

@@ -31,7 +31,7 @@ def test_demo_tiny_end_to_end_and_resume(tmp_path):
   for row in ["| public |", "merged: all experts", "merged: -math", "merged: public only",
               "merged before router tuning",
               "model soup", "BTM ensemble", "Findings:", "Verbatim extraction",
-              "- opting out math: extracted"]:
+              "- opting out math: extracted", "Downstream accuracy", "- downstream: merged"]:
     assert row in report, row
   # The merged model with only the public expert is the public model.
   rows = json.loads((tmp_path / "eval" / "merged" / "results.json").read_text())["rows"]

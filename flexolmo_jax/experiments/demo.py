@@ -244,9 +244,12 @@ class Demo:
     self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
     # Named explicitly: the data directory also holds the router-tuning proxies.
     domains = ",".join(f"{d}={self.data / d}" for d in EVAL_DOMAINS)
+    # The downstream tasks the corpus builder held out (one per domain), beside perplexity.
+    tasks = ",".join(str(self.data / "tasks" / f"{d}.jsonl") for d in EVAL_DOMAINS)
     self.run_parallel([(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
                          f"--tokenizer={self.data / 'tokenizer.json'}",
                          f"--seq_len={self.seq_len}", f"--out={self.work / 'eval' / name}",
+                         *([] if name == "extraction" else [f"--tasks={tasks}"]),
                          *extra], f"eval_{name}")
                        for name, (ckpt, extra) in jobs.items() if not done(name)])
     if not baselines.exists():
@@ -295,18 +298,19 @@ class Demo:
 
   def report(self, hf_check: dict):
     self.step("9/9 report")
-    rows = {}
+    rows, accuracy = {}, {}
     load = lambda name: json.loads((self.work / "eval" / name / "results.json").read_text())
+
+    def add(label, row):
+      rows[label] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+      accuracy[label] = {d: row["tasks"][d]["acc"] for d in EVAL_DOMAINS if d in row["tasks"]}
     for name in ("public",) + tuple(f"expert_{d}" for d in DOMAINS):
-      first = next(iter(load(name)["rows"].values()))
-      rows[name if name == "public" else f"{name} (2-expert)"] = {
-          d: first["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+      add(name if name == "public" else f"{name} (2-expert)",
+          next(iter(load(name)["rows"].values())))
     if self.router_tuning:
-      first = next(iter(load("merged_untuned")["rows"].values()))
-      rows["merged before router tuning"] = {d: first["perplexity"][d]["loss"]
-                                             for d in EVAL_DOMAINS}
+      add("merged before router tuning", next(iter(load("merged_untuned")["rows"].values())))
     for sub, row in load("merged")["rows"].items():
-      rows[f"merged: {sub}"] = {d: row["perplexity"][d]["loss"] for d in EVAL_DOMAINS}
+      add(f"merged: {sub}", row)
     base = json.loads((self.work / "eval" / "baselines.json").read_text())
     rows["model soup"] = base["soup"]
     rows["BTM ensemble"] = base["btm"]  # domain-posterior weights (Li et al. 2022)
@@ -324,7 +328,8 @@ class Demo:
     for name, r in rows.items():
       lines.append(f"| {name} | " + " | ".join(
           f"{math.exp(r[d]):.2f} ({r[d]:.3f})" for d in EVAL_DOMAINS) + " |")
-    lines += ["", *self._findings(rows), "", *self._bias_section(), "",
+    lines += ["", *self._accuracy_section(accuracy), "", *self._findings(rows, accuracy), "",
+              *self._bias_section(), "",
               *self._extraction_section(), "",
               f"transformers export: `{hf_check['class']}`, max |logit difference| "
               f"{hf_check['max_abs_diff']:.2e} (fp32), within 1e-4: {hf_check['matches_1e-4']}", "",
@@ -391,7 +396,19 @@ class Demo:
       out.append(line + ".")
     return out
 
-  def _findings(self, rows) -> list[str]:
+  def _accuracy_section(self, accuracy) -> list[str]:
+    """Downstream accuracy per domain (the held-out multiple-choice tasks of FlexMix-mini)."""
+    counts = json.loads((self.data / "flexmix_mini.json").read_text()).get("tasks", {})
+    out = ["Downstream accuracy (%) on the held-out 4-way multiple-choice tasks (chance 25%; "
+           "math: the answer of a worked problem, others: the next line of a validation "
+           "document; " + ", ".join(f"{d} {n}" for d, n in counts.items()) + " items):", "",
+           "| model | " + " | ".join(EVAL_DOMAINS) + " |", "|---" * (len(EVAL_DOMAINS) + 1) + "|"]
+    for name, acc in accuracy.items():
+      out.append(f"| {name} | " + " | ".join(
+          f"{100 * acc[d]:.1f}" if d in acc else "-" for d in EVAL_DOMAINS) + " |")
+    return out
+
+  def _findings(self, rows, accuracy=None) -> list[str]:
     """What the paper claims, checked on this run and said plainly either way."""
     merged = rows["merged: all experts"] if "merged: all experts" in rows else next(
         v for k, v in rows.items() if k.startswith("merged"))
@@ -400,6 +417,11 @@ class Demo:
     better = [d for d in EVAL_DOMAINS if merged[d] < pub[d]]
     out.append(f"- merged beats the public model on {len(better)}/{len(EVAL_DOMAINS)} domains "
                f"({', '.join(better) or 'none'}).")
+    if accuracy and accuracy.get("merged: all experts") and accuracy.get("public"):
+      m_acc, p_acc = accuracy["merged: all experts"], accuracy["public"]
+      ahead = [d for d in EVAL_DOMAINS if d in m_acc and m_acc[d] > p_acc.get(d, 1.0)]
+      out.append(f"- downstream: merged is more accurate than the public model on "
+                 f"{len(ahead)}/{len(m_acc)} tasks ({', '.join(ahead) or 'none'}).")
     for d in DOMAINS:
       key = next((k for k in rows if k.startswith("merged") and d in k and "public" not in k
                   and k != "merged: all experts"), None)

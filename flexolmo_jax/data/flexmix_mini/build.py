@@ -4,6 +4,8 @@
     OUT/<domain>/1.0.0/           prepare_data output for public, code, math, legal
     OUT/<domain>/1.0.0/packed/    rows for seq_len (the loader would build them on first use)
     OUT/tokenizer.json            byte-level BPE trained on the public train split only
+    OUT/tasks/<domain>.jsonl      a multiple-choice task per domain, held out from training
+                                  (tasks.py; `python -m flexolmo_jax.evaluate --tasks=...`)
     OUT/flexmix_mini.json         sizes, tokenizer, bigram cross-entropy between domains
     OUT/README.md                 the same, for people
 
@@ -23,7 +25,7 @@ from typing import Any
 from flexolmo_jax.data import catalog, domain_gap, packing, prepare, tokenizer
 from flexolmo_jax.storage import atomic
 from flexolmo_jax.data.errors import DataError
-from flexolmo_jax.data.flexmix_mini import domains, math_problems
+from flexolmo_jax.data.flexmix_mini import domains, math_problems, tasks
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def _write_jsonl_gz(path: str, docs: list[tuple[str, str]]) -> None:
 def build_flexmix_mini(out_dir: str | None = None, *, scale: float = 1.0,
             vocab_size: int = 8192, seq_len: int | None = 512,
             validation_fraction: float = 0.1, seed: int = 0,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, task_items: int = 200) -> dict[str, Any]:
   """Builds the corpus into ``out_dir`` (default: $FLEXOLMO_DATA_DIR/flexmix_mini or
   ~/.cache/flexolmo_jax/flexmix_mini) and returns its statistics."""
   out_dir = os.path.abspath(out_dir or default_dir())
@@ -103,6 +105,8 @@ def build_flexmix_mini(out_dir: str | None = None, *, scale: float = 1.0,
                "vocab_size": tok.vocab_size,
                "padded_vocab_size": tok.padded_vocab_size,
                "eos_id": tok.eos_id, "pad_id": tok.pad_id, "sha256": tok.sha256}
+
+    stats["tasks"] = tasks.write_tasks(root, DOMAINS, task_items, seed)
 
     streams: dict[str, dict[str, Any]] = {prepare.TRAIN: {}, prepare.VALIDATION: {}}
     for name in DOMAINS:
@@ -145,6 +149,9 @@ def render_readme(stats: dict[str, Any]) -> str:
   lines += ["", f"Tokenizer: byte-level BPE trained on {t['trained_on']}, vocab "
        f"{t['vocab_size']} (model vocab {t['padded_vocab_size']}), eos {t['eos_id']}, "
        f"pad {t['pad_id']}. Tokens count every document token plus one EOS each.", "",
+       "Downstream tasks (`tasks/<domain>.jsonl`, 4-way multiple choice; math: the answer "
+       "of a new worked problem, others: the next line of a validation document): "
+       + ", ".join(f"{d} {n}" for d, n in stats.get("tasks", {}).items()) + " items.", "",
        "Bigram cross-entropy (nats/token; rows: model fitted on that domain's train "
        "split, columns: validation split scored):", "",
        "| model \\ eval | " + " | ".join(stats["domains"]) + " |",
