@@ -50,6 +50,8 @@ def test_sharded_generate_equals_one_device(mesh_shape, dispatch):
   # The opt-out matters for this model, so the equality above covers the masked path.
   assert gen.generate(sharded, cfg, prompts, s, fn=fn, mesh=mesh) != one
 
+  if "expert" in mesh_shape:
+    return  # the layout checks below once (each compile costs seconds here)
   # Params really are split: q_proj [L, d, H, D] over (fsdp, tensor).
   q = sharded["decoder"]["layers"]["self_attn"]["q_proj"]
   assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)

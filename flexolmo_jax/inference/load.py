@@ -85,6 +85,7 @@ class Model:
     if self.exclude:
       expert_mask(self.expert_names, self.exclude)  # unknown names raise UnknownExpertError
     self._fn = None
+    self._generate_fns = {}
 
   def _mask(self, batch: int, exclude):
     from flexolmo_jax.model.expert_mask import expert_mask
@@ -123,10 +124,13 @@ class Model:
     """Generated token ids per prompt (lists of ids; inference/generate.py), on the model's
     mesh when it has one. sampling: a `Sampling` (default: greedy, 64 new tokens); exclude:
     as in `logits` (default: the load-time exclusion)."""
-    from flexolmo_jax.inference.generate import Sampling, generate
+    from flexolmo_jax.inference.generate import Sampling, generate, make_generate_fn
     exclude = self.exclude if exclude is None else exclude
-    return generate(self.params, self.config, prompts, sampling or Sampling(), exclude, seed,
-                    mesh=self.mesh, rules=self.rules)
+    s = sampling or Sampling()
+    if s not in self._generate_fns:  # one compiled program per sampling setting (and shape)
+      self._generate_fns[s] = make_generate_fn(self.config, s, self.mesh, self.rules)
+    return generate(self.params, self.config, prompts, s, exclude, seed,
+                    fn=self._generate_fns[s], mesh=self.mesh, rules=self.rules)
 
 
 def load(path, exclude: Sequence[str] = (), attention: str | None = None, mesh=None,
