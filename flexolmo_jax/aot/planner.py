@@ -1,4 +1,5 @@
-"""Compile the real training or evaluation step for a TPU topology on this (CPU) host.
+"""Compile the real training or evaluation step (or decoding) for a TPU topology on this
+(CPU) host.
 
 What a plan reports, per chip unless said otherwise:
 - Memory: XLA's buffer assignment of the compiled program (arguments, temporaries, outputs,
@@ -20,6 +21,12 @@ What a plan reports, per chip unless said otherwise:
   ICI bandwidth), a lower bound on the step time. Model FLOPs over it would be an upper
   bound on MFU, not a prediction; the MFU this planner prints is calibrated on a measured
   anchor instead (calibration.py: MaxText's Mixtral-8x7B on v5p-128).
+Decode mode (aot/decode.py): the decode step (one token per row, a KV cache of `seq_len` slots
+per row, batch `global_batch_size`, default 32) and the whole generate program (prefill of
+`prompt_len` tokens, default seq_len / 2, then the loop) compiled with the config's mesh and
+rules; memory is the generate program's (its peak), `step_*` the step's, and it fits when
+both do. FLOPs, HBM and collective bytes and the roofline are per decode step (model FLOPs:
+2N + attention over every slot, per row); no MFU (the anchor is a training run).
 A program that does not fit HBM still gets its FLOPs (from the trace) and the compiler's own
 count of what it would need. When the unrolled variants do not fit either, their costs come
 from per-chip batches 1 and 2, extrapolated (affinely) to the real batch, as the layers are
@@ -47,7 +54,8 @@ from flexolmo_jax.model.flops import model_flops
 from flexolmo_jax.parallel import make_mesh, param_shardings, rules_from_config
 
 GB = 1e9
-MODES = ("train", "eval")
+DECODE_BATCH = 32  # sequences decoded together when the plan does not say
+MODES = ("train", "eval", "decode")
 
 
 class AotUnavailable(RuntimeError):
@@ -98,6 +106,8 @@ def prepare_config(config, mode: str, n_devices: int, seq_len: int | None = None
     batch = int(per_device_batch) * n_devices
   elif mode == "train":
     batch = int(config.train.global_batch_size)
+  elif mode == "decode":
+    batch = DECODE_BATCH
   else:
     batch = int(config.eval.global_batch_size)
   if mode == "train":
@@ -117,6 +127,9 @@ def _layer_variant(config, n_layers: int):
 
 def _trace(config, mode: str, mesh, shape: Shape):
   """The jitted step of `mode`, traced on abstract, sharded inputs (nothing allocated)."""
+  if mode == "decode":
+    from flexolmo_jax.aot import decode
+    return decode.trace_step(config, mesh, shape.batch, shape.seq_len)
   if mode == "train":
     from flexolmo_jax.train.trainer import setup_training
     setup = setup_training(config, mesh=mesh)
@@ -249,8 +262,10 @@ def _extrapolated_costs(config, mode, mesh, shape, n, log):
 def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = None,
          global_batch_size: int | None = None, per_device_batch: int | None = None,
          hbm_gb: float | None = None, extrapolate: bool = True, num_slices: int = 1,
-         log=print) -> dict[str, Any]:
-  """Compile `mode`'s step of `config` for `topology`; return the plan (see module doc)."""
+         prompt_len: int | None = None, log=print) -> dict[str, Any]:
+  """Compile `mode`'s step of `config` for `topology`; return the plan (see module doc).
+
+  prompt_len: decode mode's prefill length (default seq_len // 2)."""
   if mode not in MODES:
     raise ValueError(f"mode {mode!r} not in {MODES}")
   chip: Chip = chip_for(topology)
@@ -269,6 +284,9 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
       "peak_flops": chip.peak_flops, "remat": cfg.remat_policy, "dispatch": cfg.dispatch,
       "attention": cfg.attention, "logits_chunk": cfg.logits_chunk,
   }
+  if mode == "decode":
+    return _plan_decode(config, cfg, chip, mesh, shape, result, prompt_len, hbm, extrapolate,
+                        log)
   log(f"compiling the {mode} step for {topology} ({n} x {chip.name}), mesh "
       f"{result['mesh']}, batch {shape.batch} x {shape.seq_len} ...")
   t0 = time.time()
@@ -330,11 +348,122 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
   return result
 
 
+def _plan_decode(config, cfg, chip: Chip, mesh, shape: Shape, result, prompt_len, hbm,
+                 extrapolate, log):
+  """plan() for mode 'decode' (module doc)."""
+  from flexolmo_jax.aot import decode
+  from flexolmo_jax.model.flops import forward_flops_per_token
+  n = result["chips"]
+  prompt_len = int(prompt_len or shape.seq_len // 2)
+  result.update(prompt_len=prompt_len, new_tokens=shape.seq_len - prompt_len,
+                cache_gb_per_chip=decode.cache_bytes_per_chip(config, mesh, shape.batch,
+                                                              shape.seq_len) / GB)
+  t0 = time.time()
+  log(f"compiling one decode step for {result['topology']} ({n} x {chip.name}), mesh "
+      f"{result['mesh']}, batch {shape.batch}, cache {shape.seq_len} slots ...")
+  with jax.set_mesh(mesh):
+    traced = decode.trace_step(config, mesh, shape.batch, shape.seq_len)
+    executed = matmul_flops_detail(traced.jaxpr)
+    step, step_oom = _try_compile(lambda: _compile_traced(traced))
+    del traced
+    log(f"compiling the generate program (prefill {prompt_len} tokens, decode to "
+        f"{shape.seq_len}) ...")
+    program, oom = _try_compile(lambda: _compile_traced(
+        decode.trace_generate(config, mesh, shape.batch, shape.seq_len, prompt_len)))
+  result["compile_s"] = time.time() - t0
+  if step is None:
+    (needed, _, _), message = step_oom
+    result.update(step_fits=False, step_total_gb=needed / GB, step_error=message)
+  else:
+    result.update({f"step_{k}": v for k, v in _memory(step).items()})
+    result["step_fits"] = result["step_total_gb"] * GB <= hbm
+  if program is None:
+    (needed, available, what), message = oom
+    result.update(program_fits=False, total_gb=needed / GB, compiler_hbm_gb=available / GB,
+                  compiler_counted=what, error=message)
+  else:
+    result.update(_memory(program))
+    result["program_fits"] = result["total_gb"] * GB <= hbm
+  del program
+  result["fits"] = result["step_fits"] and result["program_fits"]
+
+  # Per decode step: every row's token runs the weights and attends to all cached slots.
+  model = shape.batch * forward_flops_per_token(cfg, shape.seq_len, causal=False)
+  result.update(
+      model_flops=model, model_flops_per_chip=model / n,
+      executed_flops_per_chip=executed["total"] / n,
+      pallas_flops_per_chip=executed["pallas"] / n,
+      dynamic_loops=int(executed["dynamic_loops"]),
+      executed_over_model=executed["total"] / model)
+  if extrapolate:
+    costs, costs_from = _extrapolated_costs(config, "decode", mesh, shape, n, log)
+  elif step is not None:
+    costs, costs_from = _costs(step, n), "the compiled step (loop bodies once)"
+  else:
+    costs, costs_from = None, "the step does not fit HBM"
+  del step
+  times = {"compute": result["executed_flops_per_chip"] / chip.peak_flops}
+  result["costs_from"] = costs_from
+  if costs is not None:
+    result.update(
+        xla_flops_per_chip=costs["flops"], xla_flops_extrapolated=extrapolate,
+        hbm_bytes_per_chip=costs["bytes"],
+        collectives_per_chip={k: costs[f"coll:{k}"] for k in (*KINDS, "total")},
+        collective_bytes_per_chip=costs["coll:total"])
+    times["HBM bandwidth"] = costs["bytes"] / chip.hbm_bw
+    times["ICI"] = costs["coll:total"] / chip.ici_bw
+  t = max(times.values())
+  result.update(
+      t_compute_s=times["compute"], t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
+      roofline_step_s=t, bound=max(times, key=times.get), roofline_complete=costs is not None,
+      roofline_tokens_per_s=shape.batch / t, calibrated_step_s=None, calibrated_mfu=None)
+  return result
+
+
+def _report_decode(r: dict[str, Any]) -> str:
+  lines = [f"decode on {r['topology']} ({r['chips']} x {r['chip']}), mesh {r['mesh']}, batch "
+           f"{r['global_batch']}, context {r['seq_len']} (prefill {r['prompt_len']} + "
+           f"{r['new_tokens']} new), {r['n_layers']} layers, dispatch {r['dispatch']} (decode "
+           f"steps: capacity)"]
+  lines.append(f"  KV cache per chip {_gb(r['cache_gb_per_chip'])}")
+  if "step_arguments_gb" in r:
+    lines.append(f"  decode step per chip: arguments {_gb(r['step_arguments_gb'])} (params in "
+                 f"the decode dtypes + cache), temporaries {_gb(r['step_temporaries_gb'])}, "
+                 f"aliased (donated cache) {_gb(r['step_aliased_gb'])}: total "
+                 f"{_gb(r['step_total_gb'])}")
+  else:
+    lines.append(f"  decode step: {r.get('step_error', '')}")
+  if "arguments_gb" in r:
+    lines.append(f"  generate program per chip: arguments {_gb(r['arguments_gb'])}, "
+                 f"temporaries {_gb(r['temporaries_gb'])}, outputs {_gb(r['outputs_gb'])}")
+  verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+  lines.append(f"  total {_gb(r['total_gb'])} (generate program; step "
+               f"{_gb(r['step_total_gb'])}) of {r['hbm_gb']:.1f} GB HBM per chip: {verdict}")
+  if "error" in r:
+    lines.append(f"  compiler: {r['error']}")
+  lines.append(f"  FLOPs per chip per decode step: executed {r['executed_flops_per_chip']:.3e}, "
+               f"model {r['model_flops_per_chip']:.3e} (2N + attention over every slot); "
+               f"executed / model {r['executed_over_model']:.2f}")
+  if r["roofline_complete"]:
+    lines.append(f"  per decode step: HBM traffic {_gb(r['hbm_bytes_per_chip'] / GB)}, "
+                 f"collectives {_gb(r['collective_bytes_per_chip'] / GB)} per chip")
+    lines.append(f"  roofline (a lower bound): compute {r['t_compute_s'] * 1e3:.2f} ms, HBM "
+                 f"{r['t_hbm_s'] * 1e3:.2f} ms, ICI {r['t_ici_s'] * 1e3:.2f} ms -> "
+                 f"{r['roofline_step_s'] * 1e3:.2f} ms per step ({r['bound']}-bound), at most "
+                 f"{r['roofline_tokens_per_s']:.0f} tokens/s")
+  else:
+    lines.append(f"  roofline (compute only: {r['costs_from']}): "
+                 f"{r['roofline_step_s'] * 1e3:.2f} ms per step")
+  return "\n".join(lines)
+
+
 def _gb(x: float) -> str:
   return f"{x:.3g} GB"
 
 
 def report(r: dict[str, Any]) -> str:
+  if r["mode"] == "decode":
+    return _report_decode(r)
   lines = [f"{r['mode']} step on {r['topology']} ({r['chips']} x {r['chip']}), mesh {r['mesh']}, "
            f"batch {r['global_batch']} x {r['seq_len']}, {r['n_layers']} layers, remat "
            f"{r['remat']}, dispatch {r['dispatch']}, attention {r['attention']}, logits_chunk "

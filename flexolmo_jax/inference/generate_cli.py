@@ -10,6 +10,10 @@ single compiled loop. temperature 0 is greedy; otherwise softmax(logits / temper
 restricted to the top-p nucleus. Each example has its own expert mask: a JSONL prompts file
 line {"prompt": "...", "exclude": ["math"]} opts that example out of the math expert, so one
 batch serves users with different data permissions. --exclude applies to lines without one.
+
+Sharded over all devices by default (the runtime config's mesh, fsdp=-1): params restored
+straight into their shardings, the batch and KV cache split over data/fsdp, KV heads over
+tensor. Choose the mesh as the other tools do, e.g. --config.mesh.fsdp=2 --config.mesh.tensor=4.
 """
 from __future__ import annotations
 
@@ -69,7 +73,6 @@ def _read_prompts() -> list[dict]:
 def _main(argv) -> int:
   del argv
   _DIST.init()
-  import jax
   from flexolmo_jax.inference.load import load_model
   from flexolmo_jax.storage.atomic import write_text_atomic
   from flexolmo_jax.storage.sources import resolve_model_dir
@@ -97,8 +100,8 @@ def _main(argv) -> int:
   cfg, params = load_model(path, mesh, rules, dispatch=_LOAD.dispatch.value or inference_dispatch(cfg),
                            param_dtype=_LOAD.param_dtype.value)
   prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False).ids for it in items]
-  with jax.set_mesh(mesh):
-    outs = generate(params, cfg, prompts, s, excludes if cfg.is_moe else (), _SEED.value)
+  outs = generate(params, cfg, prompts, s, excludes if cfg.is_moe else (), _SEED.value,
+                  mesh=mesh, rules=rules)
   records = []
   for it, ex, toks in zip(items, excludes, outs):
     text = tokenizer.decode([t for t in toks if t != cfg.eos_token_id])
