@@ -34,7 +34,7 @@ from flexolmo_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "flexolmo_jax.documents/1"
+FORMAT = "flexolmo_jax.documents/2"  # 2: one shard per work unit; split digest over shards
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 TRAIN, VALIDATION = "train", "validation"
 # Input bytes per work unit, hence per output shard: large enough that per-unit overheads vanish,
