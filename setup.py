@@ -32,6 +32,9 @@ EXTRAS = {
     # Ahead-of-time compilation for TPU topologies from a CPU host (libtpu 0.0.42 for jax
     # 0.10). `.ci/run` installs it, so tests/test_aot.py runs in CI rather than skipping.
     "tpu": ["jax[tpu]>=0.10,<0.11"],
+    # prepare_data / packing on an Apache Beam runner (DirectRunner workers here; Dataflow,
+    # Flink or Spark at scale). Imported only on that path (flexolmo_jax/data/beam_map.py).
+    "beam": ["apache-beam>=2.60"],
     # xdist: the suite runs on every core (--dist loadfile keeps a file's fixtures together)
     "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
 }

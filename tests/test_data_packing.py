@@ -72,9 +72,9 @@ def test_packed_split_matches_pure_packing_and_is_cached(tmp_path, tok_path):
     assert packed.num_tokens == sum(len(x) + 1 for x in ids)
     assert (token_stream(packed)[1:] == np.concatenate([x + [info.eos_id] for x in ids])).all()
     # Second call reuses the cache; another seq_len gets its own.
-    stamp = os.path.getmtime(packed.rows_path)
-    assert packed_split(ds, "train", tok_path, 16).rows_path == packed.rows_path
-    assert os.path.getmtime(packed.rows_path) == stamp
+    stamp = os.path.getmtime(packed.row_files[0])
+    assert packed_split(ds, "train", tok_path, 16).row_files == packed.row_files
+    assert os.path.getmtime(packed.row_files[0]) == stamp
     assert packed_split(ds, "train", tok_path, 8).directory != packed.directory
     with pytest.raises(DataError, match="no split 'validation'"):
         packed_split(ds, "validation", tok_path, 16)

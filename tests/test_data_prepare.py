@@ -200,13 +200,13 @@ def test_truncated_archive_is_an_error_and_leaves_nothing(tmp_path, codec):
 
 
 def test_failure_while_writing_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    real = tfds_builder.write_documents_dataset
+    real = tfds_builder.write_dataset_info
 
     def crash_after_writing(*args, **kwargs):
         real(*args, **kwargs)  # the dataset is complete in the staging dir...
         raise KeyboardInterrupt  # ...and then the job is killed before publishing
 
-    monkeypatch.setattr(tfds_builder, "write_documents_dataset", crash_after_writing)
+    monkeypatch.setattr(tfds_builder, "write_dataset_info", crash_after_writing)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset("x", [_jsonl(tmp_path / "a.jsonl", _docs(20))], str(out))

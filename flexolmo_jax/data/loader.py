@@ -137,7 +137,8 @@ def make_train_loader(sources: SourceSpec | Sequence[SourceSpec], tokenizer_path
                       prefetch: int = 8, cache_dir: str | None = None) -> TrainLoader:
   """Training batches mixed from ``sources`` = [(dataset_dir, weight), ...] (see module doc).
 
-  Datasets are tokenized and packed on first use (cached next to each dataset). Weights are
+  Rows packed offline (``prepare_data --tokenizer``) are read as they are; otherwise a dataset
+  is tokenized and packed on first use, in process (cached next to it). Weights are
   normalised. ``process_index``/``process_count`` default to ``jax.process_index()`` /
   ``jax.process_count()``.
   """

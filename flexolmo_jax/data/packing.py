@@ -1,4 +1,4 @@
-"""Tokenize a split once, pack it into fixed-length rows, and cache the rows as array_record.
+"""Tokenize a split once, pack it into fixed-length rows, cache the rows as sharded array_record.
 
 Token stream of a split:  EOS d1 EOS d2 EOS ... dn EOS   (documents in dataset order).
 Row r holds stream[r*L : r*L + L + 1]; inputs = row[:-1], targets = row[1:]. Consecutive rows
@@ -11,29 +11,39 @@ The cache lives next to the dataset (DATASET_DIR/packed/SPLIT-L{seq_len}-{key}/)
 hashes the tokenizer JSON, seq_len and the split's content digest, so a different tokenizer or a
 re-prepared dataset never reuses stale rows. It is written to a temporary directory and renamed,
 so concurrent builders (one per JAX process) are safe: the first rename wins, the rest discard.
+
+Packing is a map over the dataset's shards (in process or on Beam, see beam_map.py), in two
+passes: each shard tokenises its documents into a flat token file and reports its length; the
+driver turns the lengths into stream offsets, so each shard then writes, independently, the
+rows that start inside it (rows-XXXXX-of-YYYYY.array_record, in global row order). The rows are
+exactly those of pack_token_documents over the whole split, whatever the runner or shard count.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+from etils import epath
 
-from flexolmo_jax.data import catalog
+from flexolmo_jax.data import beam_map, catalog
 from flexolmo_jax.data.errors import DataError
 from flexolmo_jax.data.tokenizer import load_tokenizer, tokenizer_info
 from flexolmo_jax.storage import atomic
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = "flexolmo_jax.packed/1"
-ROWS_FILE = "rows.array_record"
+PACK_FORMAT = "flexolmo_jax.packed/2"  # 2: rows in shards (rows-XXXXX-of-YYYYY.array_record)
 META_FILE = "meta.json"
+_ROWS_TEMPLATE = "rows-{:05d}-of-{:05d}.array_record"
 _ENCODE_BATCH = 256
+_ROWS_PER_READ = 256  # rows read from a token file at a time: bounds a worker's memory
 
 
 def pack_token_documents(docs: Iterable[Sequence[int]], seq_len: int, eos_id: int,
@@ -83,10 +93,11 @@ class PackedSplit:
   last_row_valid: int
   eos_id: int
   pad_id: int
+  shards: tuple[tuple[str, int], ...] = ()  # (file name, rows), rows in global row order
 
   @property
-  def rows_path(self) -> str:
-    return os.path.join(self.directory, ROWS_FILE)
+  def row_files(self) -> list[str]:
+    return [os.path.join(self.directory, name) for name, _ in self.shards]
 
 
 def _cache_key(content: str, tok_sha: str, seq_len: int, split: str) -> str:
@@ -98,13 +109,23 @@ def _cache_key(content: str, tok_sha: str, seq_len: int, split: str) -> str:
 def _load_meta(directory: str) -> PackedSplit:
   with open(os.path.join(directory, META_FILE)) as fh:
     meta = json.load(fh)
-  fields = {f.name for f in dataclasses.fields(PackedSplit)} - {"directory"}
-  return PackedSplit(directory=directory, **{k: meta[k] for k in fields})
+  fields = {f.name for f in dataclasses.fields(PackedSplit)} - {"directory", "shards"}
+  return PackedSplit(directory=directory, **{k: meta[k] for k in fields},
+                     shards=tuple((s["file"], s["rows"]) for s in meta["shards"]))
 
 
 def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
-                 cache_dir: str | None = None) -> PackedSplit:
-  """The packed rows of ``split``, tokenizing and writing them on first use."""
+                 cache_dir: str | None = None, *, runner: str = beam_map.IN_PROCESS,
+                 num_workers: int | None = None,
+                 beam_options: str | Sequence[str] = ()) -> PackedSplit:
+  """The packed rows of ``split``, tokenizing and writing them if they are not there yet.
+
+  ``prepare_data --tokenizer=... --seq-len=...`` calls this once, offline, on any runner
+  (beam_map.make_runner); training then finds the rows and never tokenises. Every runner
+  writes the same rows as ``pack_token_documents`` over the whole split.
+  """
+  if seq_len < 1:
+    raise DataError(f"seq_len must be >= 1, got {seq_len}")
   ds_dir = catalog.resolve_dataset_dir(dataset)
   builder = catalog.open_builder(ds_dir)
   if split not in builder.info.splits:
@@ -117,52 +138,160 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
   final = os.path.join(root, f"{split}-L{seq_len}-{key}")
   if os.path.exists(os.path.join(final, META_FILE)):
     return _load_meta(final)
-
-  from array_record.python.array_record_module import ArrayRecordWriter
+  info = builder.info.splits[split]
+  # The loaders get here only when no one packed offline (prepare_data --tokenizer): say so,
+  # since at scale that is hours of tokenising on the training hosts.
+  log.info("packing %s/%s for seq_len %d (%s)", ds_dir, split, seq_len, runner)
+  executor = beam_map.make_runner(runner, num_workers, beam_options, input_bytes=info.num_bytes)
 
   with atomic.shared_cache_directory(final) as tmp:  # several hosts may pack at once
     if tmp is None:
       return _load_meta(final)
-    source = builder.as_data_source(split=split)
-    tokenizer = load_tokenizer(tokenizer_path)
-
-    def token_docs() -> Iterator[list[int]]:
-      for start in range(0, len(source), _ENCODE_BATCH):
-        stop = min(start + _ENCODE_BATCH, len(source))
-        items = source.__getitems__(range(start, stop))
-        texts = [it["text"].decode("utf-8") for it in items]
-        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-          yield enc.ids
-
-    # group_size:1 makes every row independently readable: random access is what the
-    # shuffled loader does.
-    writer = ArrayRecordWriter(os.path.join(tmp, ROWS_FILE), "group_size:1")
-    n_rows = n_tokens = last_valid = 0
-    for row, n_valid in pack_token_documents(token_docs(), seq_len, tok.eos_id, tok.pad_id):
-      writer.write(row.tobytes())
-      n_rows += 1
-      n_tokens += n_valid
-      last_valid = n_valid
-    writer.close()
+    # Units: the dataset's shards (TFDS's shard lengths give each one's document range).
+    units, start = [], 0
+    for n in info.shard_lengths:
+      units.append({"dataset": ds_dir, "split": split, "start": start, "count": n})
+      start += n
+    with executor.scratch(tmp) as work:
+      tokens_dir = epath.Path(tmp) / "tokens"
+      tokens_dir.mkdir()
+      counted = executor.map(
+          functools.partial(tokenize_unit, tokenizer_path=tokenizer_path, seq_len=seq_len,
+                            eos_id=tok.eos_id, tokens_dir=os.fspath(tokens_dir)),
+          [dict(u, index=i) for i, u in enumerate(units)], work and work / "tokenize")
+      jobs, plan = _plan_rows(counted, seq_len, tok.pad_id, tmp)
+      written = executor.map(write_rows_unit, jobs, work and work / "rows")
+      tokens_dir.rmtree()
+    shards = [{"file": os.path.basename(j["out"]), "rows": w["rows"]}
+              for j, w in zip(jobs, written)]
     meta = {"format": PACK_FORMAT, "dataset": builder.info.name, "split": split,
             "seq_len": seq_len,
-            "num_rows": n_rows, "num_tokens": n_tokens, "num_documents": len(source),
-            "last_row_valid": last_valid, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "tokenizer_sha256": tok.sha256, "content_sha256": content}
+            "num_rows": plan["rows"], "num_tokens": sum(w["tokens"] for w in written),
+            "num_documents": sum(c["documents"] for c in counted),
+            "last_row_valid": plan["last_row_valid"], "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256, "content_sha256": content,
+            "shards": shards}
+    if sum(s["rows"] for s in shards) != plan["rows"] or meta["num_tokens"] != plan["tokens"]:
+      raise DataError(f"packed rows disagree with the token counts ({shards}, {plan})",
+                      location=ds_dir)
     with open(os.path.join(tmp, META_FILE), "w") as fh:
       json.dump(meta, fh, indent=1)
-  log.info("packed %s/%s: %d rows, %d tokens", ds_dir, split, n_rows, n_tokens)
+  log.info("packed %s/%s: %d rows, %d tokens in %d shards (%s)", ds_dir, split, plan["rows"],
+           plan["tokens"], len(shards), executor.name)
   return _load_meta(final)
 
 
+def tokenize_unit(unit: dict[str, Any], *, tokenizer_path: str, seq_len: int, eos_id: int,
+                  tokens_dir: str) -> dict[str, Any]:
+  """Pass 1 over one dataset shard: its token stream (each document then EOS; the first shard
+  also starts with the stream's leading EOS) into a flat int32 file, and its length."""
+  source = catalog.open_builder(unit["dataset"]).as_data_source(split=unit["split"])
+  tokenizer = load_tokenizer(tokenizer_path)
+  eos = np.array([eos_id], np.int32)
+  n_tokens = 0
+  head: list[np.ndarray] = []  # the first seq_len tokens: the previous shard's last row ends here
+  n_head = 0
+  path = os.path.join(tokens_dir, f"{unit['index']:06d}.int32")
+  with open(path, "wb") as fh:
+    def put(ids: np.ndarray) -> None:
+      nonlocal n_tokens, n_head
+      fh.write(ids.tobytes())
+      n_tokens += len(ids)
+      if n_head < seq_len:
+        head.append(ids[: seq_len - n_head])
+        n_head += len(head[-1])
+
+    if unit["index"] == 0:
+      put(eos)
+    stop = unit["start"] + unit["count"]
+    for start in range(unit["start"], stop, _ENCODE_BATCH):
+      items = source.__getitems__(range(start, min(start + _ENCODE_BATCH, stop)))
+      texts = [it["text"].decode("utf-8") for it in items]
+      for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        put(np.concatenate([np.asarray(enc.ids, np.int32), eos]))
+  head_ids = np.concatenate(head) if head else np.zeros(0, np.int32)
+  return {"path": path, "tokens": n_tokens, "documents": unit["count"],
+          "head": head_ids.tolist()}
+
+
+def _plan_rows(counted: list[dict], seq_len: int, pad_id: int,
+               out_dir) -> tuple[list[dict], dict]:
+  """Which rows each shard writes: row r (stream[r*L : r*L + L + 1]) belongs to the shard
+  holding its first token; the up to L tokens it needs beyond that shard's end come from the
+  heads of the following shards. Same rows as ``pack_token_documents`` on the whole stream."""
+  total = sum(c["tokens"] for c in counted)  # stream length, leading EOS included
+  n_full = (total - 1) // seq_len
+  rest = total - n_full * seq_len
+  n_rows = n_full + (rest > 1)
+  plan = {"rows": n_rows, "tokens": total - 1,
+          "last_row_valid": (rest - 1 if rest > 1 else seq_len) if n_rows else 0}
+  spans, begin = [], 0
+  for c in counted:
+    first = -(-begin // seq_len)
+    end = min(-(-(begin + c["tokens"]) // seq_len), n_rows)
+    spans.append((begin, first, max(first, end)))
+    begin += c["tokens"]
+  owners = [u for u, (_, first, end) in enumerate(spans) if end > first]
+  jobs = []
+  for shard, u in enumerate(owners):
+    tail: list[int] = []
+    for c in counted[u + 1:]:
+      if len(tail) >= seq_len:
+        break
+      tail += c["head"]
+    jobs.append({"tokens": counted[u]["path"], "begin": spans[u][0], "first_row": spans[u][1],
+                 "end_row": spans[u][2], "tail": tail[:seq_len], "seq_len": seq_len,
+                 "full_rows": n_full, "pad_id": pad_id,
+                 "out": os.path.join(out_dir, _ROWS_TEMPLATE.format(shard, len(owners)))})
+  return jobs, plan
+
+
+def write_rows_unit(job: dict[str, Any]) -> dict[str, Any]:
+  """Pass 2 over one shard: its rows from its token file (plus the tail), read in blocks."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  seq_len, begin = job["seq_len"], job["begin"]
+  tail = np.asarray(job["tail"], np.int32)
+  # group_size:1 makes every row independently readable: random access is what the
+  # shuffled loader does.
+  writer = ArrayRecordWriter(job["out"], "group_size:1")
+  n_rows = n_tokens = 0
+  with open(job["tokens"], "rb") as fh:
+    for r0 in range(job["first_row"], job["end_row"], _ROWS_PER_READ):
+      r1 = min(r0 + _ROWS_PER_READ, job["end_row"])
+      lo = r0 * seq_len - begin  # block = local positions [lo, hi)
+      hi = (r1 - 1) * seq_len + seq_len + 1 - begin
+      fh.seek(lo * 4)
+      block = np.fromfile(fh, np.int32, count=hi - lo)
+      if len(block) < hi - lo:  # the last rows run into the following shards
+        block = np.concatenate([block, tail[: hi - lo - len(block)]])
+      for r in range(r0, r1):
+        row = block[(r - r0) * seq_len: (r - r0) * seq_len + seq_len + 1]
+        n_valid = seq_len if r < job["full_rows"] else len(row) - 1
+        if len(row) < seq_len + 1:  # the stream's last, short row
+          row = np.concatenate([row, np.full(seq_len + 1 - len(row), job["pad_id"], np.int32)])
+        writer.write(row.tobytes())
+        n_rows += 1
+        n_tokens += n_valid
+  writer.close()
+  return {"rows": n_rows, "tokens": n_tokens}
+
+
 class PackedRows:
-  """Random-access source of packed rows (grain ``RandomAccessDataSource`` protocol)."""
+  """Random-access source of packed rows (grain ``RandomAccessDataSource`` protocol).
+
+  Over the shard files in row order; a shard is opened on its first read, so a process only
+  opens the shards holding the rows of its own slice of each batch.
+  """
 
   def __init__(self, packed: PackedSplit):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
     self.packed = packed
-    self._records = ArrayRecordDataSource([packed.rows_path]) if packed.num_rows else None
+    # "path[0:n]": the row count is known from meta.json, so nothing is opened here.
+    self._records = ArrayRecordDataSource(
+        [f"{path}[0:{rows}]" for path, (_, rows) in zip(packed.row_files, packed.shards)]
+    ) if packed.num_rows else None
 
   def __len__(self) -> int:
     return self.packed.num_rows

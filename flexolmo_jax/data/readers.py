@@ -26,7 +26,7 @@ SUPPORTED_SUFFIXES = tuple(
     [*_LINE_FORMATS, ".parquet"]
     + [fmt + comp for fmt in _LINE_FORMATS for comp in _COMPRESSIONS]
 )
-_MAX_EXAMPLES = 20  # skip locations kept verbatim in the statistics
+MAX_SKIP_EXAMPLES = 20  # skip locations kept verbatim in the statistics
 _CHUNK = 1 << 20
 
 
@@ -121,7 +121,7 @@ class SkipLog:
       raise DataError(f"{reason}{': ' + detail if detail else ''} (strict mode)",
                       location=location)
     self.counts[reason] += 1
-    if len(self.examples) < _MAX_EXAMPLES:
+    if len(self.examples) < MAX_SKIP_EXAMPLES:
       self.examples.append({"reason": reason, "location": location, "detail": detail})
 
   @property

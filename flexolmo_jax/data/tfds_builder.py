@@ -1,98 +1,105 @@
-"""A TFDS builder for plain-text documents, written as ``array_record`` without TensorFlow.
+"""The documents dataset as TFDS writes it: sharded ``array_record`` files plus TFDS metadata.
 
-The output is an ordinary TFDS dataset directory (``dataset_info.json``, ``features.json``,
-``metadata.json``, ``NAME-SPLIT.array_record-XXXXX-of-YYYYY``), so it opens with
-``tfds.builder_from_directory(path)`` and ``builder.as_data_source(split)``.
+Each work unit serialises its documents with the dataset's ``FeaturesDict`` and writes its own
+shard through TFDS's array_record file adapter; the driver then records the splits with
+``tfds.folder_dataset.write_metadata``, TFDS's API for shards written by an external pipeline.
+The result is an ordinary TFDS dataset directory (``dataset_info.json``, ``features.json``,
+``metadata.json``, ``NAME-SPLIT.array_record-XXXXX-of-YYYYY``): it opens with
+``tfds.builder_from_directory(path)`` and ``builder.as_data_source(split)``, without TensorFlow.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import io
 import logging
-import types
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import tensorflow_datasets as tfds
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 FEATURES = {"text": "document text (UTF-8)", "source": "file:line the document came from"}
+_SUFFIX = "array_record"
 
 
-class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Documents from caller-supplied generators, one per split, in generator order."""
+@functools.cache
+def features():
+  import tensorflow_datasets as tfds
 
-  VERSION = tfds.core.Version(VERSION)
-  # tfds derives code_path from the package through `importlib_resources`, which it does not
-  # declare as a dependency on Python >= 3.9; nothing here needs a code path (no checksums,
-  # no downloads), so opting out avoids that import.
-  code_path = None
-
-  def __init__(self, *, split_examples: Mapping[str, Callable[[], Iterator[dict[str, str]]]],
-               description: str, metadata: dict[str, Any], **kwargs):
-    self._split_examples = split_examples
-    self._description = description
-    self._metadata = metadata
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=self._description,
-        features=tfds.features.FeaturesDict(
-            {"text": tfds.features.Text(), "source": tfds.features.Text()}),
-        # Keep input order: the split is already decided by a content hash, and the
-        # packed token stream is shuffled later at row level.
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(self._metadata),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._enumerate(split, make)
-            for split, make in self._split_examples.items()}
-
-  def _generate_examples(self):  # required abstract method; splits come from _enumerate
-    raise NotImplementedError
-
-  def _enumerate(self, split: str, make):
-    # Per-split counts and an order-sensitive content digest, written into metadata.json
-    # (tfds writes metadata after generation) so the caller can check them and caches of
-    # derived data (packed tokens) can be keyed on exactly this content.
-    digest = hashlib.sha256()
-    n_docs = n_bytes = 0
-    for i, example in enumerate(make()):
-      data = example["text"].encode("utf-8")
-      digest.update(hashlib.sha256(data).digest())
-      n_docs += 1
-      n_bytes += len(data)
-      yield i, example
-    self.info.metadata.setdefault("splits", {})[split] = {
-        "documents": n_docs, "bytes": n_bytes, "sha256": digest.hexdigest()}
+  return tfds.features.FeaturesDict({"text": tfds.features.Text(),
+                                     "source": tfds.features.Text()})
 
 
-def write_documents_dataset(name: str, data_dir: str,
-                            split_examples: Mapping[str, Callable[[], Iterator[dict[str, str]]]],
-                            description: str, metadata: dict[str, Any]) -> str:
-  """Writes DATA_DIR/NAME/VERSION in array_record format and returns that directory.
+def _template(dataset_dir, name: str, split: str | None = None):
+  from tensorflow_datasets.core import naming
 
-  ``metadata`` (JSON-serialisable) is stored as ``metadata.json`` and read back as
-  ``builder.info.metadata``.
+  return naming.ShardedFileTemplate(data_dir=epath.Path(dataset_dir), dataset_name=name,
+                                    split=split, filetype_suffix=_SUFFIX)
+
+
+def shard_path(dataset_dir, name: str, split: str, index: int, num_shards: int) -> str:
+  """TFDS's file name for shard ``index`` of ``num_shards`` of ``split``."""
+  return os.fspath(_template(dataset_dir, name, split).sharded_filepath(
+      shard_index=index, num_shards=num_shards))
+
+
+class ShardWriter:
+  """Serialises documents with the dataset's features into one shard file, counting them.
+
+  Written with the options TFDS's ArrayRecordFileAdapter uses (group_size:1: every record is
+  randomly accessible), but record by record, so that one pass over a unit's inputs can fill
+  its train and validation shards together without holding either in memory.
   """
-  # The builder's dataset name is a class attribute; a throw-away subclass per name keeps
-  # tfds's global registry untouched.
-  cls = types.new_class(f"Documents_{name}", (_DocumentsBuilder,), {"skip_registration": True},
-                        lambda ns: ns.update(name=name, __module__=__name__))
-  builder = cls(split_examples=split_examples, description=description, metadata=metadata,
-                data_dir=data_dir, file_format="array_record")
-  tfds.disable_progress_bar()
-  # tfds prints "Downloading and preparing dataset..." on stdout; nothing is downloaded, and
-  # stdout belongs to the CLI's JSON summary.
-  chatter = io.StringIO()
+
+  def __init__(self, path: str):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    self.path = path
+    self.num_examples = 0
+    self.num_bytes = 0  # serialised size: what tfds records as the split's num_bytes
+    self._records = ArrayRecordWriter(path, "group_size:1")
+
+  def add(self, example: Mapping[str, str]) -> None:
+    data = features().serialize_example(example)
+    self._records.write(data)
+    self.num_examples += 1
+    self.num_bytes += len(data)
+
+  def close(self) -> None:
+    self._records.close()
+
+
+def write_dataset_info(dataset_dir, name: str, splits: Mapping[str, dict[str, Any]],
+                       description: str, metadata: dict[str, Any]) -> str:
+  """Writes the TFDS metadata for shards already in DATASET_DIR and returns that directory.
+
+  ``splits``: {split: {"shard_lengths": [...], "num_bytes": int}}; ``metadata``
+  (JSON-serialisable) is stored as ``metadata.json`` and read back as ``builder.info.metadata``.
+  """
+  import tensorflow_datasets as tfds
+
+  split_infos = [tfds.core.SplitInfo(name=split, shard_lengths=list(s["shard_lengths"]),
+                                     num_bytes=int(s["num_bytes"]),
+                                     filename_template=_template(dataset_dir, name, split))
+                 for split, s in splits.items()]
+  chatter = io.StringIO()  # tfds prints progress on stdout, which belongs to the CLI's summary
   with contextlib.redirect_stdout(chatter):
-    builder.download_and_prepare()
+    tfds.folder_dataset.write_metadata(
+        data_dir=epath.Path(dataset_dir), features=features(), split_infos=split_infos,
+        filename_template=_template(dataset_dir, name), version=VERSION, check_data=False,
+        description=description,
+        # Keep input order: the split is already decided by a content hash, and the packed
+        # token stream is shuffled later at row level.
+        disable_shuffling=True, metadata=tfds.core.MetadataDict(metadata))
   log.debug("tfds: %s", chatter.getvalue().strip())
-  return str(builder.data_dir)
+  return os.fspath(dataset_dir)
+
+
+def shard_lengths(dataset_dir: str, split: str) -> Sequence[int]:
+  import tensorflow_datasets as tfds
+
+  return tfds.builder_from_directory(dataset_dir).info.splits[split].shard_lengths
