@@ -313,34 +313,10 @@ def plan(config, topology: str, mode: str = "train", *, seq_len: int | None = No
                   largest_logits_gb=buffers["logits"] / GB)
 
   model = model_flops(cfg, shape.batch, shape.seq_len, mode)
-  result.update(
-      model_flops=model, model_flops_per_chip=model / n,
-      executed_flops_per_chip=executed["total"] / n,
-      pallas_flops_per_chip=executed["pallas"] / n,
-      dynamic_loops=int(executed["dynamic_loops"]),
-      executed_over_model=executed["total"] / model)
-
-  if extrapolate:
-    costs, costs_from = _extrapolated_costs(config, mode, mesh, shape, n, log)
-  elif compiled is not None:
-    costs, costs_from = _costs(compiled, n), "the compiled step (loop bodies once)"
-  else:
-    costs, costs_from = None, "the step does not fit HBM"
+  step = _roofline(result, config, mode, mesh, shape, chip, n, executed, model, compiled,
+                   extrapolate, log)
   del compiled
-  times = {"compute": result["executed_flops_per_chip"] / chip.peak_flops}
-  result["costs_from"] = costs_from
-  if costs is not None:
-    result.update(
-        xla_flops_per_chip=costs["flops"], xla_flops_extrapolated=extrapolate,
-        hbm_bytes_per_chip=costs["bytes"],
-        collectives_per_chip={k: costs[f"coll:{k}"] for k in (*KINDS, "total")},
-        collective_bytes_per_chip=costs["coll:total"])
-    times["HBM bandwidth"] = costs["bytes"] / chip.hbm_bw
-    times["ICI"] = costs["coll:total"] / chip.ici_bw
-  step = max(times.values())
   result.update(
-      t_compute_s=times["compute"], t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
-      roofline_step_s=step, bound=max(times, key=times.get), roofline_complete=costs is not None,
       roofline_tokens_per_s=shape.batch * shape.seq_len / step,
       # An upper bound (module doc); kept for the calibration, never printed as an MFU.
       roofline_mfu_bound=model / (step * chip.peak_flops * n))
@@ -389,6 +365,18 @@ def _plan_decode(config, cfg, chip: Chip, mesh, shape: Shape, result, prompt_len
 
   # Per decode step: every row's token runs the weights and attends to all cached slots.
   model = shape.batch * forward_flops_per_token(cfg, shape.seq_len, causal=False)
+  t = _roofline(result, config, "decode", mesh, shape, chip, n, executed, model, step,
+                extrapolate, log)
+  del step
+  result.update(roofline_tokens_per_s=shape.batch / t, calibrated_step_s=None,
+                calibrated_mfu=None)
+  return result
+
+
+def _roofline(result, config, mode, mesh, shape: Shape, chip: Chip, n, executed, model,
+              compiled, extrapolate, log) -> float:
+  """FLOP counts, XLA's bytes / collectives and the roofline times into `result`; returns
+  the roofline step time (a lower bound). `compiled` None: the step did not fit."""
   result.update(
       model_flops=model, model_flops_per_chip=model / n,
       executed_flops_per_chip=executed["total"] / n,
@@ -396,12 +384,11 @@ def _plan_decode(config, cfg, chip: Chip, mesh, shape: Shape, result, prompt_len
       dynamic_loops=int(executed["dynamic_loops"]),
       executed_over_model=executed["total"] / model)
   if extrapolate:
-    costs, costs_from = _extrapolated_costs(config, "decode", mesh, shape, n, log)
-  elif step is not None:
-    costs, costs_from = _costs(step, n), "the compiled step (loop bodies once)"
+    costs, costs_from = _extrapolated_costs(config, mode, mesh, shape, n, log)
+  elif compiled is not None:
+    costs, costs_from = _costs(compiled, n), "the compiled step (loop bodies once)"
   else:
     costs, costs_from = None, "the step does not fit HBM"
-  del step
   times = {"compute": result["executed_flops_per_chip"] / chip.peak_flops}
   result["costs_from"] = costs_from
   if costs is not None:
@@ -412,12 +399,11 @@ def _plan_decode(config, cfg, chip: Chip, mesh, shape: Shape, result, prompt_len
         collective_bytes_per_chip=costs["coll:total"])
     times["HBM bandwidth"] = costs["bytes"] / chip.hbm_bw
     times["ICI"] = costs["coll:total"] / chip.ici_bw
-  t = max(times.values())
+  step = max(times.values())
   result.update(
       t_compute_s=times["compute"], t_hbm_s=times.get("HBM bandwidth"), t_ici_s=times.get("ICI"),
-      roofline_step_s=t, bound=max(times, key=times.get), roofline_complete=costs is not None,
-      roofline_tokens_per_s=shape.batch / t, calibrated_step_s=None, calibrated_mfu=None)
-  return result
+      roofline_step_s=step, bound=max(times, key=times.get), roofline_complete=costs is not None)
+  return step
 
 
 def _report_decode(r: dict[str, Any]) -> str:
