@@ -285,3 +285,17 @@ def test_chip_table_and_hlo_parsers():
            '  %sc = f32[2,4,64,64]{3,2,1,0} fusion(%q, %k), kind=kOutput, calls=%f, '
            'metadata={op_name="jit(step)/decoder/layers/self_attn/dot_general"}\n}')
   assert largest_buffers(stack, 64, {512}, d_model=64)["attention_scores"] == 2 * 4 * 64 * 64 * 4
+
+
+@needs_libtpu
+def test_mesh_axis_smaller_than_every_physical_axis():
+  """tensor=2 on a v6e 8x8 slice splits a physical axis (jax.make_mesh alone refuses it);
+  each tensor pair is made of ICI neighbours."""
+  from flexolmo_jax.aot import planner as plan_mod
+  devices = plan_mod.topology_devices("v6e:8x8")
+  mesh = plan_mod.make_mesh({"fsdp": 32, "tensor": 2}, devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "expert": 1, "tensor": 2}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+  pair = mesh.devices[0, 0, 0, :]
+  dist = sum(abs(a - b) for a, b in zip(pair[0].coords, pair[1].coords))
+  assert dist == 1

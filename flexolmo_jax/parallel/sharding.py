@@ -81,7 +81,14 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     ici = [sizes[0] // slices] + sizes[1:]
     grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1, 1], devices)
     return Mesh(grid, MESH_AXES, axis_types=auto)
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  try:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:
+    # A logical axis smaller than every physical one (e.g. tensor=2 on a v6e 8x8 slice):
+    # split a physical ICI axis between two logical ones, which jax.make_mesh refuses.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
