@@ -321,8 +321,8 @@ def prompt_routing(work_dir, data_dir, domains=("code", "math", "legal"),
   eval_domains = tuple(eval_domains or ("public",) + tuple(domains))
   tok = data / "tokenizer.json"
   pub = work / "public" / "export"
-  members = {"public": (model_io.read_config(pub), None)}
-  members["public"] = (members["public"][0], model_io.load_params(pub, members["public"][0]))
+  pub_cfg = model_io.read_config(pub)
+  members = {"public": (pub_cfg, model_io.load_params(pub, pub_cfg))}
   for d in domains:
     path = work / f"expert_{d}" / "export"
     cfg = model_io.read_config(path)

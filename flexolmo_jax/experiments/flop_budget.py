@@ -18,18 +18,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from flexolmo_jax import config_base
-from flexolmo_jax.model import abstract_params, param_logical_axes
 from flexolmo_jax.model.flops import executed_train_flops, weight_flops_by_leaf
-from flexolmo_jax.train.partition import Partition, make_partition
-
-
-def stage_partition(config) -> Partition:
-  """Which leaves (and expert slots) the stage's step trains, as the trainer decides it."""
-  cfg = config_base.step_model_config(config)
-  tc = config.train
-  experts = None if tc.trainable_experts is None else list(tc.trainable_experts)
-  return make_partition(abstract_params(cfg), param_logical_axes(cfg), list(tc.trainable),
-                        experts, tc.get("bias_parametrization", "min"))
+from flexolmo_jax.train.partition import Partition, config_partition
 
 
 def trained_fractions(partition: Partition, cfg) -> dict[str, float]:
@@ -57,7 +47,7 @@ def step_flops(config) -> float:
   """Training FLOPs of one optimizer step of a stage config (all microbatches)."""
   cfg = config_base.step_model_config(config)
   tc = config.train
-  fractions = trained_fractions(stage_partition(config), cfg)
+  fractions = trained_fractions(config_partition(config, cfg), cfg)
   return executed_train_flops(cfg, int(tc.global_batch_size), int(tc.seq_len), fractions)
 
 
