@@ -248,7 +248,10 @@ def _train_cli(arg, workdir, data_root, *extra):
   return model_io.read_meta(workdir / "export")
 
 
-def test_btx_and_unrestricted_train_from_the_cli(flexmix_tiny, tmp_path):
+def test_btx_trains_every_leaf_from_the_cli(flexmix_tiny, tmp_path):
+  """Two BTX steps from a stitched-layout model: every leaf moves. (One process costs ~1 min
+  here, mostly compiling the 4-expert step; the unrestricted stage runs the same trainer
+  path from random init, checked in-process above without training.)"""
   config = load_config("flexmix_mini", "btx,tiny")
   cfg = config_base.model_config(config)
   start = _np_params(cfg, 1)
@@ -262,7 +265,5 @@ def test_btx_and_unrestricted_train_from_the_cli(flexmix_tiny, tmp_path):
   same = [k for k, v in flatten(after).items()
           if np.array_equal(np.asarray(v), np.asarray(flatten(before)[k]))]
   assert same == []  # every leaf moved: attention, embeddings, head, every expert, router
-  meta = _train_cli("unrestricted,tiny", tmp_path / "unrestricted", flexmix_tiny)
-  assert meta["stage"] == "unrestricted" and meta["init"]["from"] == "random"
-  summary = json.loads((tmp_path / "unrestricted" / "summary.json").read_text())
-  assert set(summary["eval_loss"]) == {"public"} | set(DOMAINS)
+  summary = json.loads((tmp_path / "btx" / "summary.json").read_text())
+  assert set(summary["eval_loss"]) == {"public"} | set(DOMAINS)  # evaluated on every domain
