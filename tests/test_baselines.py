@@ -26,7 +26,8 @@ DOMAINS = ("code", "math", "legal")
 
 def _mini():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("flexmix_mini", ROOT / "configs" / "flexmix_mini.py")
+  path = ROOT / "configs" / "flexmix_mini.py"
+  spec = importlib.util.spec_from_file_location("flexmix_mini", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -117,7 +118,8 @@ def test_unrestricted_steps_give_the_lifecycle_flops_within_one_step():
                                               int(c.train.seq_len))
       assert flop_budget.stage_flops(c) < full
   no_router = load_config("flexmix_mini", "unrestricted,tiny,norouter")
-  assert int(no_router.train.steps) < int(load_config("flexmix_mini", "unrestricted,tiny").train.steps)
+  with_router = load_config("flexmix_mini", "unrestricted,tiny")
+  assert int(no_router.train.steps) < int(with_router.train.steps)
   with pytest.raises(ValueError, match="unknown stage"):
     load_config("flexmix_mini", "btm,tiny")
 
@@ -197,7 +199,8 @@ def test_prompt_router_learns_from_coordinator_data_and_scores_with_the_chosen_m
   # Routing by the prefix only: rows whose prefix is "math" go to math whatever follows.
   mixed = _rows(rng, 8, LOW)
   mixed["input_ids"][:, :4] = rng.integers(*HIGH, size=(8, 4))
-  assert router.predict(router.features(mixed["input_ids"], mixed["loss_mask"] > 0)).tolist() == [1] * 8
+  picked = router.predict(router.features(mixed["input_ids"], mixed["loss_mask"] > 0))
+  assert picked.tolist() == [1] * 8
   with pytest.raises(ValueError, match="no member"):
     baselines.prompt_routing_scores(router, {"public": members["public"]}, [local])
 
@@ -226,7 +229,8 @@ def test_prompt_routing_on_the_demo_layout_reads_owner_data_only_to_evaluate(mem
   assert ("math", "validation") in opened and ("math", "train") not in opened
   assert out["trained_on"] == {"public": 24, "math": 24}
   assert out["routing_accuracy"] == {"public": 1.0, "math": 1.0}
-  assert set(out["loss"]) == {"public", "math"} and all(math.isfinite(v) for v in out["loss"].values())
+  assert set(out["loss"]) == {"public", "math"}
+  assert all(math.isfinite(v) for v in out["loss"].values())
   (data / "proxy_math").rmdir()
   with pytest.raises(FileNotFoundError, match="proxy_math"):
     baselines.prompt_routing(work, data, domains=("math",), seq_len=12)
