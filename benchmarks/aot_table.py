@@ -50,6 +50,11 @@ ROWS = {
                              ["--seq_len=4096", "--per_device_batch=2"]),
     "2x7b_expert_32k_v6e64": ("flexolmo_2x7b expert training", EXPERT_2X7B, "v6e:8x8", "train",
                               LONG),
+    # Pure FSDP does not fit v6e at 32k (one sequence per chip is the least it allows); a
+    # tensor pair shares each sequence.
+    "2x7b_expert_32k_v6e64_tensor2": ("flexolmo_2x7b expert training", EXPERT_2X7B, "v6e:8x8",
+                                      "train", [*LONG[:2], "--global_batch_size=32",
+                                                "--config.mesh.fsdp=32", "--config.mesh.tensor=2"]),
     # Router tuning back-propagates through every layer (to each layer's router): full remat.
     "8x7b_router_v5p64": ("flexolmo_8x7b router tuning", MOE_8X7B, "v5p:4x4x4", "train",
                           ["--seq_len=4096", "--per_device_batch=2",
