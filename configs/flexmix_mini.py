@@ -1,8 +1,8 @@
 """FlexOlmo lifecycle on the embedded FlexMix-mini corpus (the demo's configs).
 
-Argument: "STAGE[,DOMAIN][,SIZE]" with STAGE public | expert | router, DOMAIN one of the
-corpus domains (code, math, legal) for the expert stage, SIZE small (default; d_model 384 so
-the offline all-MiniLM-L6-v2 embedder serves) or tiny (tests).
+Argument: "STAGE[,DOMAIN][,SIZE][,norouter]" with STAGE public | expert | router | btx |
+unrestricted, DOMAIN one of the corpus domains (code, math, legal) for the expert stage, SIZE
+small (default; d_model 384 so the offline all-MiniLM-L6-v2 embedder serves) or tiny (tests).
 
   python -m flexolmo_jax.build_flexmix_mini --out=$D
   python -m flexolmo_jax.train --config=configs/flexmix_mini.py:public --workdir=$W/public \
@@ -19,6 +19,17 @@ the offline all-MiniLM-L6-v2 embedder serves) or tiny (tests).
       --tokenizer=$D/tokenizer.json   # and proxy_code, proxy_legal
   python -m flexolmo_jax.train --config=configs/flexmix_mini.py:router --workdir=$W/router \
       --config.data.root=$D --config.init.params=$W/merged
+
+Baselines of the paper (same architecture as the merged model, 4 experts, top-2):
+  # BTX (Branch-Train-MiX): the stitched model, every parameter fine-tuned on ALL the data
+  # (public + every owner's): the data-sharing upper bound FlexOlmo gives up.
+  python -m flexolmo_jax.train --config=configs/flexmix_mini.py:btx --workdir=$W/btx \
+      --config.data.root=$D --config.init.params=$W/merged
+  # Unrestricted MoE: random init, every parameter, all data mixed, for as many steps as
+  # give the lifecycle's training FLOPs (public + 3 experts + router tuning; `,norouter`:
+  # without router tuning); see `lifecycle_configs` and experiments/flop_budget.py.
+  python -m flexolmo_jax.train --config=configs/flexmix_mini.py:unrestricted \
+      --workdir=$W/unrestricted --config.data.root=$D
 """
 import os
 
@@ -27,6 +38,8 @@ import ml_collections
 from flexolmo_jax import config_base as cb
 
 DOMAINS = ("code", "math", "legal")
+STAGES = ("public", "expert", "router", "btx", "unrestricted")
+BASELINES = ("btx", "unrestricted")
 PUBLIC_MIX = 0.25  # share of public data in each owner's expert training
 SIZES = {
     "small": dict(d_model=384, n_layers=3, n_heads=6, n_kv_heads=6, ffn_hidden=1024),
@@ -39,30 +52,63 @@ def default_root():
   return os.path.join(base, "flexmix_mini")
 
 
+def lifecycle_configs(size: str = "small", router_tuning: bool = True) -> dict:
+  """The FlexOlmo lifecycle's training configs at `size`: {"public", "expert_<domain>" for
+  every domain, "router" (with `router_tuning`)}; what the unrestricted baseline matches."""
+  tail = "" if size == "small" else f",{size}"
+  out = {"public": get_config(f"public{tail}")}
+  out.update({f"expert_{d}": get_config(f"expert,{d}{tail}") for d in DOMAINS})
+  if router_tuning:
+    out["router"] = get_config(f"router{tail}")
+  return out
+
+
+def unrestricted_steps(size: str = "small", router_tuning: bool = True) -> int:
+  """Steps of the unrestricted stage whose training FLOPs equal the lifecycle's (within half
+  a step; experiments/flop_budget.py says what is counted)."""
+  from flexolmo_jax.experiments import flop_budget
+  budget = sum(flop_budget.lifecycle_flops(lifecycle_configs(size, router_tuning)).values())
+  return flop_budget.matched_steps(budget, _stage_config("unrestricted", None, size, steps=1))
+
+
 def get_config(arg=None):
   parts = (arg or "public").split(",")
   stage = parts[0]
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; stages {STAGES}")
   domain = next((p for p in parts[1:] if p in DOMAINS), None)
   size = next((p for p in parts[1:] if p in SIZES), "small")
-  unknown = [p for p in parts[1:] if p not in DOMAINS and p not in SIZES]
+  router_tuning = "norouter" not in parts[1:]
+  unknown = [p for p in parts[1:] if p not in DOMAINS and p not in SIZES and p != "norouter"]
   if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; domains {DOMAINS}, sizes {tuple(SIZES)}")
+    raise ValueError(f"unknown config argument(s) {unknown}; domains {DOMAINS}, sizes "
+                     f"{tuple(SIZES)}, or norouter (unrestricted only)")
+  steps = unrestricted_steps(size, router_tuning) if stage == "unrestricted" else None
+  return _stage_config(stage, domain, size, steps)
+
+
+def _stage_config(stage, domain, size, steps=None):
   model = dict(vocab_size=8192, max_seq_len=128, eos_token_id=0, pad_token_id=1, **SIZES[size])
   if stage == "expert":
     if domain is None:
       raise ValueError(f"the expert stage needs a domain: expert,{'|'.join(DOMAINS)}")
     model.update(cb.moe_fields(("public", domain), top_k=2, expert_bias=True, dispatch="dense"))
-  elif stage == "router":
+  elif stage in ("router",) + BASELINES:  # the merged model's architecture
     model.update(cb.moe_fields(("public",) + DOMAINS, top_k=2, dispatch="capacity",
                                capacity_factor=2.0))
   config = cb.base_config(cb.model_block(**model))
   small = size == "tiny"
   # Sized so the whole demo (public model + three experts + evaluation) fits in ~20 minutes
   # on 2 CPU cores at "small"; "tiny" is for tests.
-  steps = {"public": 250, "expert": 150, "router": 100}[stage]
-  cb.add_training(config, stage, steps=20 if small else steps,
+  if steps is None:  # unrestricted: given, from the lifecycle's FLOPs
+    steps = {"public": 250, "expert": 150, "router": 100, "btx": 100}[stage]
+    steps = 20 if small else steps
+  # From random init (public, unrestricted) the public model's rate; fine-tuning every
+  # parameter of a trained model (btx) a lower one.
+  lr = {"public": 3e-3, "unrestricted": 3e-3, "btx": 1e-3}.get(stage, 2e-3)
+  cb.add_training(config, stage, steps=steps,
                   global_batch_size=8 if small else 16, seq_len=64 if small else 128,
-                  lr=3e-3 if stage == "public" else 2e-3,
+                  lr=lr,
                   warmup_steps=2 if small else 25, log_every=5 if small else 25)
   config.data.root = default_root()
   # Paths are resolved against data.root at run time unless absolute.
@@ -74,6 +120,10 @@ def get_config(arg=None):
     # input -- and the stitched model then sends public text to the domain experts. Public
     # examples teach the row (and its negative bias) where the public expert should lead.
     config.data.sources = [[domain, 1.0 - PUBLIC_MIX], ["public", PUBLIC_MIX]]
+  elif stage in BASELINES:
+    # Everyone's data, mixed: what the baselines may use and FlexOlmo may not (BTX's MoE
+    # fine-tuning; the unrestricted MoE). Equal weights per source.
+    config.data.sources = [["public", 1.0]] + [[d, 1.0] for d in DOMAINS]
   else:
     # Router tuning sees public data and, per domain, proxy text sampled from that owner's
     # 2-expert model (python -m flexolmo_jax.proxy_data); never the owners' data itself.

@@ -81,6 +81,11 @@ STAGE_TRAINABLE = {
     "public": ([".*"], None),
     "expert": (["mlp/(gate_proj|up_proj|down_proj|router|router_bias)$"], [1]),
     "router": (["mlp/(router|router_bias)$"], None),
+    # Baselines (configs/flexmix_mini.py): every parameter trains. btx fine-tunes a stitched
+    # model (init.params) on everyone's data, as Branch-Train-MiX does; unrestricted trains
+    # the same MoE from random init on all data at the lifecycle's FLOPs.
+    "btx": ([".*"], None),
+    "unrestricted": ([".*"], None),
 }
 
 

@@ -7,8 +7,24 @@
               position t is P(m | x_<t), Bayes' rule from a uniform prior and each member's
               own likelihood of the row so far, prod_{s<t} p_m(x_s | x_<s); no extra data.
               `weighting="uniform"` gives the plain average of the members' probabilities.
+  prompt-based routing
+              one member per sequence, chosen by a classifier of the row's first
+              `prefix_tokens` tokens (the paper's prompt-routing baseline). The classifier is
+              softmax regression over the public model's mean final hidden state of the prefix
+              (the `--embedder=self` feature of data/domain_embedding.py, per row), trained
+              only on what the coordinator may see: public data and the proxy text sampled from
+              each owner's model (python -m flexolmo_jax.proxy_data), never an owner's data.
+              The chosen member (an owner's 2-expert model, or the public model) then scores
+              the whole row.
+
+The BTX and unrestricted-MoE baselines are training runs, not functions here:
+configs/flexmix_mini.py:btx and :unrestricted.
 """
 from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +105,243 @@ def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=(),
 def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
   """Mean token loss of one model over a loader (exact over the split): the loss step."""
   return steps.mean_loss(jax.jit(steps.make_loss_fn(cfg, rules, routing=False)), params, loader)
+
+
+# --- prompt-based routing ----------------------------------------------------------------
+
+
+def _prefix_feature_fn(cfg: ModelConfig):
+  """jitted (params, ids [B, P], valid [B, P]) -> [B, d] fp32: the mean final hidden state
+  (before the last norm) over each row's valid prefix positions. The model is causal, so a
+  prefix's hidden states do not depend on what follows it."""
+  from flexolmo_jax.model import FlexOlmo
+  model = FlexOlmo(cfg)
+
+  def fn(params, ids, valid):
+    h = model.apply({"params": params}, ids, return_hidden=True).astype(jnp.float32)
+    w = valid.astype(jnp.float32)[..., None]
+    return jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+  return jax.jit(fn)
+
+
+def _rows(local, prefix_tokens: int):
+  """(ids [B, P], valid [B, P], row has a scored token [B]) of a host batch."""
+  ids = np.asarray(local["input_ids"])[:, :prefix_tokens]
+  valid = np.asarray(local["loss_mask"])[:, :prefix_tokens] > 0
+  return ids, valid, np.asarray(local["loss_mask"]).sum(axis=1) > 0
+
+
+@dataclasses.dataclass
+class PromptRouter:
+  """Softmax regression over standardised prefix features: label = argmax((f - mean) / scale
+  @ weights + bias). `public` is the (cfg, params) the features come from (held by reference);
+  `trained_on` records {label: rows} of the coordinator data it was fitted to."""
+  labels: tuple[str, ...]
+  prefix_tokens: int
+  mean: np.ndarray
+  scale: np.ndarray
+  weights: np.ndarray  # [d, C]
+  bias: np.ndarray  # [C]
+  trained_on: dict[str, int]
+  public: tuple[ModelConfig, Any] = dataclasses.field(repr=False, default=None)
+  _features: Any = dataclasses.field(repr=False, default=None, compare=False)
+
+  def features(self, ids, valid) -> np.ndarray:
+    """[B, d] prefix features of token rows (ids and valid [B, >= P]; the first P used)."""
+    if self._features is None:
+      self._features = _prefix_feature_fn(self.public[0])
+    ids = np.asarray(ids)[:, :self.prefix_tokens]
+    valid = np.asarray(valid)[:, :self.prefix_tokens]
+    return np.asarray(self._features(self.public[1], jnp.asarray(ids, jnp.int32),
+                                     jnp.asarray(valid)), np.float64)
+
+  def logits(self, features) -> np.ndarray:
+    z = (np.asarray(features, np.float64) - self.mean) / self.scale
+    return z @ self.weights + self.bias
+
+  def predict(self, features) -> np.ndarray:
+    """[B] indices into `labels`."""
+    return np.argmax(self.logits(features), axis=-1)
+
+
+def _as_loader(source, tokenizer, seq_len, batch_size, split):
+  if isinstance(source, (str, pathlib.Path)):
+    if not tokenizer or not seq_len:
+      raise ValueError(f"coordinator data {source} is a directory: pass tokenizer= and seq_len=")
+    from flexolmo_jax.data import make_eval_loader
+    return make_eval_loader(str(source), str(tokenizer), int(seq_len), batch_size, 0, 1,
+                            split=split)
+  return source
+
+
+def fit_softmax_regression(x, y, num_classes: int, l2: float = 1e-3, steps: int = 500,
+                           lr: float = 0.1):
+  """(mean, scale, W, b) of a class-balanced softmax regression on standardised x [N, d]."""
+  import optax
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.int64)
+  mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+  z = jnp.asarray((x - mean) / scale, jnp.float32)
+  counts = np.bincount(y, minlength=num_classes)
+  # Each class weighs the same whatever its row count (proxy sets are small).
+  row_w = jnp.asarray(1.0 / (num_classes * counts[y]), jnp.float32)
+  onehot = jax.nn.one_hot(jnp.asarray(y), num_classes)
+
+  def loss(p):
+    logp = jax.nn.log_softmax(z @ p["w"] + p["b"])
+    return -jnp.sum(row_w * jnp.sum(onehot * logp, axis=-1)) + l2 * jnp.sum(p["w"] ** 2)
+
+  params = {"w": jnp.zeros((z.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return mean, scale, np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+
+
+def train_prompt_router(cfg: ModelConfig, public_params, coordinator_data: Mapping[str, Any],
+                        prefix_tokens: int = 32, *, tokenizer=None, seq_len: int | None = None,
+                        batch_size: int = 8, split: str = "train", max_rows: int = 512,
+                        l2: float = 1e-3, steps: int = 500) -> PromptRouter:
+  """Fits the prompt router on the coordinator's data only.
+
+  cfg, public_params: the dense public model (the feature extractor).
+  coordinator_data: {label: loader or dataset directory}; a label names the member a row of
+    that data should be routed to: "public" -> the public data, "<domain>" -> the proxy data
+    sampled from that owner's model ($D/proxy_<domain>). Never an owner's own data: the
+    router must be buildable by the coordinator. Directories are read with tokenizer=,
+    seq_len= and batch_size= (their `split`, "train" by default).
+  prefix_tokens: how many leading tokens of a row the router sees.
+  max_rows: at most this many rows per label (the first ones, in the loader's order).
+  Returns a PromptRouter whose `labels` are the keys of `coordinator_data` in order.
+  """
+  if not coordinator_data:
+    raise ValueError("train_prompt_router needs coordinator data for at least two labels")
+  if cfg.is_moe:
+    raise ValueError("the prompt router's features come from the dense public model")
+  if prefix_tokens < 1:
+    raise ValueError(f"prefix_tokens {prefix_tokens} must be >= 1")
+  labels = tuple(coordinator_data)
+  if len(labels) < 2:
+    raise ValueError(f"prompt routing needs at least two labels, got {labels}")
+  router = PromptRouter(labels, int(prefix_tokens), None, None, None, None, {},
+                        public=(cfg, public_params))
+  feats, ys = [], []
+  for y, label in enumerate(labels):
+    loader = _as_loader(coordinator_data[label], tokenizer, seq_len, batch_size, split)
+    n = 0
+    for local in loader:
+      ids, valid, keep = _rows(local, prefix_tokens)
+      keep &= valid.any(axis=1)
+      if not keep.any():
+        continue
+      f = router.features(ids, valid)[keep][:max_rows - n]
+      feats.append(f)
+      ys += [y] * len(f)
+      n += len(f)
+      if n >= max_rows:
+        break
+    if n == 0:
+      raise ValueError(f"coordinator data {label!r} gave no rows")
+    router.trained_on[label] = n
+  mean, scale, w, b = fit_softmax_regression(np.concatenate(feats), np.asarray(ys), len(labels),
+                                             l2, steps)
+  router.mean, router.scale, router.weights, router.bias = mean, scale, w, b
+  return router
+
+
+def prompt_routing_scores(router: PromptRouter, members: Mapping[str, tuple[ModelConfig, Any]],
+                          loader, prefix_tokens: int | None = None, rules=()) -> dict:
+  """Routes each row of `loader` to one member from its first `prefix_tokens` tokens (default:
+  what the router was trained with), and scores the whole row with that member.
+
+  members: {label: (cfg, params)} covering every router label ("public": the public model,
+    "<domain>": that owner's 2-expert model).
+  Returns {"loss": mean token loss over all scored tokens, "routed": {label: share of rows},
+  "rows": rows scored}.
+  """
+  missing = [l for l in router.labels if l not in members]
+  if missing:
+    raise ValueError(f"router labels {missing} have no member; members {sorted(members)}")
+  p = router.prefix_tokens if prefix_tokens is None else int(prefix_tokens)
+  fns = {l: jax.jit(steps.make_logprob_fn(members[l][0], rules)) for l in router.labels}
+  total = count = 0.0
+  routed = np.zeros(len(router.labels), np.int64)
+  for local in loader:
+    ids, valid, keep = _rows(local, p)
+    if not keep.any():
+      continue
+    choice = router.predict(router.features(ids, valid))
+    mask = np.asarray(local["loss_mask"], np.float64)
+    b = None
+    for c in np.unique(choice[keep]):
+      label = router.labels[c]
+      b = b if b is not None else steps.global_batch(local)
+      lp = np.asarray(fns[label](members[label][1], b), np.float64)  # [B, T]
+      rows = keep & (choice == c)
+      total += float(np.sum(-lp[rows] * mask[rows]))
+      routed[c] += int(rows.sum())
+    count += float(mask[keep].sum())
+  n = int(routed.sum())
+  return {"loss": total / count if count else float("nan"),
+          "routed": {l: (routed[i] / n if n else 0.0) for i, l in enumerate(router.labels)},
+          "rows": n}
+
+
+def prompt_routing_losses(router: PromptRouter, members: Mapping[str, tuple[ModelConfig, Any]],
+                          loader, prefix_tokens: int | None = None, rules=()) -> float:
+  """Mean token loss of prompt routing over `loader` (`prompt_routing_scores`)."""
+  return prompt_routing_scores(router, members, loader, prefix_tokens, rules)["loss"]
+
+
+def prompt_routing(work_dir, data_dir, domains=("code", "math", "legal"),
+                   eval_domains=None, seq_len: int = 128, prefix_tokens: int = 32,
+                   batch_size: int = 8, max_rows: int = 512) -> dict:
+  """The prompt-routing baseline on the demo's layout.
+
+  work_dir: holds public/export (the public model) and expert_<domain>/export (each owner's
+    2-expert model); data_dir: the FlexMix-mini directory with public/, <domain>/ (evaluation
+    only: their validation split), proxy_<domain>/ (sampled by the demo's router-tuning step)
+    and tokenizer.json.
+  The router trains on the train split of public/ and proxy_<domain>/ only.
+  Returns {"loss": {eval domain: mean token loss}, "routing_accuracy": {eval domain: share of
+  its rows routed to its own member ("public" for public)}, "routed": {eval domain: {label:
+  share of rows}}, "trained_on": {label: rows}}; eval_domains default ("public", *domains).
+  """
+  from flexolmo_jax.data import make_eval_loader
+  work, data = pathlib.Path(work_dir), pathlib.Path(data_dir)
+  eval_domains = tuple(eval_domains or ("public",) + tuple(domains))
+  tok = data / "tokenizer.json"
+  pub = work / "public" / "export"
+  pub_cfg = model_io.read_config(pub)
+  members = {"public": (pub_cfg, model_io.load_params(pub, pub_cfg))}
+  for d in domains:
+    path = work / f"expert_{d}" / "export"
+    cfg = model_io.read_config(path)
+    members[d] = (cfg, model_io.load_params(path, cfg))
+  coordinator = {"public": data / "public"}
+  for d in domains:
+    proxy = data / f"proxy_{d}"
+    if not proxy.exists():
+      raise FileNotFoundError(f"{proxy} not found: sample it with python -m "
+                              f"flexolmo_jax.proxy_data --model={work / f'expert_{d}'} "
+                              f"--name=proxy_{d} --out={data} --tokenizer={tok}")
+    coordinator[d] = proxy
+  router = train_prompt_router(*members["public"], coordinator, prefix_tokens, tokenizer=tok,
+                               seq_len=seq_len, batch_size=batch_size, max_rows=max_rows)
+  out = {"loss": {}, "routing_accuracy": {}, "routed": {}, "trained_on": dict(router.trained_on)}
+  for d in eval_domains:
+    loader = make_eval_loader(str(data / d), str(tok), seq_len, batch_size, 0, 1)
+    r = prompt_routing_scores(router, members, loader)
+    out["loss"][d] = r["loss"]
+    out["routed"][d] = r["routed"]
+    out["routing_accuracy"][d] = r["routed"].get(d, 0.0)
+  return out

@@ -24,6 +24,9 @@ Conventions worth knowing:
 - Frozen parameters: the convention still counts 3x (6N). A step that skips their weight
   gradients (expert training: frozen attention, embeddings, head, public expert) executes
   less than this while its MFU numerator stays the same.
+  `executed_train_flops` is the frozen-aware count: forward (1x) + activation gradients
+  (1x of every weight matmul, 2x of attention) + weight gradients (1x) of the trainable
+  leaves only; with everything trainable it equals `train_flops`.
 - Not counted: rematerialisation, capacity padding, one-hot dispatch einsums, elementwise
   work. The AOT planner reports what the compiled step executes next to this number.
 - `causal=False` gives MaxText's attention term before its PR #1988 (2025), which did not
@@ -69,3 +72,44 @@ def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, causal: bool = Tru
 def train_flops(cfg: ModelConfig, batch: int, seq_len: int, causal: bool = True) -> float:
   """The MFU convention for training: 3 x forward (6N + attention), whatever is frozen."""
   return model_flops(cfg, batch, seq_len, "train", causal)
+
+
+def weight_flops_by_leaf(cfg: ModelConfig) -> dict[str, float]:
+  """Forward matmul FLOPs per token of each weight leaf (by its last path component, all
+  layers together); the values sum to `weight_flops_per_token`. An expert leaf counts the
+  k experts that run on each token."""
+  d, h, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+  k = cfg.top_k if cfg.is_moe else 1
+  out = {"q_proj": 2 * d * cfg.n_heads * h, "k_proj": 2 * d * cfg.n_kv_heads * h,
+         "v_proj": 2 * d * cfg.n_kv_heads * h, "o_proj": 2 * d * cfg.n_heads * h,
+         "gate_proj": 2 * d * cfg.ffn_hidden * k, "up_proj": 2 * d * cfg.ffn_hidden * k,
+         "down_proj": 2 * d * cfg.ffn_hidden * k}
+  if cfg.is_moe:
+    out["router"] = 2 * d * cfg.num_experts
+  out = {name: float(L * f) for name, f in out.items()}
+  out["lm_head"] = float(2 * d * cfg.vocab_size)
+  return out
+
+
+def executed_train_flops(cfg: ModelConfig, batch: int, seq_len: int,
+                         trained: dict[str, float] | None = None, causal: bool = True) -> float:
+  """Training FLOPs of one step that skips the weight gradients of frozen parameters.
+
+  trained: {leaf name (as in `weight_flops_by_leaf`): the fraction of its forward FLOPs
+  whose weight gradient is computed}: 1 for a trainable leaf, 0 (or absent) for a frozen
+  one, s / E for an expert leaf of which s of E slots train (balanced routing: each slot
+  sees k / E of the tokens). None: everything trains (= `train_flops`).
+
+  Activation gradients are counted through every layer (1x each weight matmul, 2x the
+  attention matmuls, whose operands are both activations): a scanned backward pass runs
+  the same body for every layer, so it computes them even below the lowest trainable leaf.
+  """
+  by_leaf = weight_flops_by_leaf(cfg)
+  unknown = sorted(set(trained or {}) - set(by_leaf))
+  if unknown:
+    raise ValueError(f"trained names leaves {unknown} that have no matmul FLOPs; known: "
+                     f"{sorted(by_leaf)}")
+  fwd = sum(by_leaf.values())
+  grads = fwd if trained is None else sum(by_leaf[k] * float(f) for k, f in trained.items())
+  per_token = 2 * fwd + grads + 3 * attention_flops_per_token(cfg, seq_len, causal)
+  return per_token * batch * seq_len

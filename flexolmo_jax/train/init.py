@@ -6,6 +6,8 @@
           expert bias `train.bias_init` (-log 2 = -softplus(0) by default; the two experts
           are equal, so training starts exactly at the public model whatever the bias)
   router  `init.params`: a stitched N-expert model directory
+  btx     `init.params`: a stitched N-expert model directory (every parameter then trains)
+  unrestricted  random init of the configured MoE (no public model), or `init.params`
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def frozen_source(config) -> str | None:
   ic = config.init
   if config.stage == "expert":
     return str(ic.public) or None
-  if config.stage in ("public", "router"):
+  if config.stage in ("public", "router", "btx", "unrestricted"):
     return str(ic.params) or None
   return None
 
@@ -89,7 +91,7 @@ def initial_params(config, cfg: ModelConfig, shardings, rng, mesh=None, rules=No
   """Returns (params, provenance dict). Params are placed in `shardings` (on `mesh`)."""
   stage = config.stage
   ic = config.init
-  if stage == "public":
+  if stage in ("public", "unrestricted"):
     if ic.params:
       return model_io.load_params(ic.params, cfg, shardings), {
           "from": str(ic.params), "meta": model_io.read_meta(ic.params)}
@@ -112,9 +114,9 @@ def initial_params(config, cfg: ModelConfig, shardings, rng, mesh=None, rules=No
                     "public_embedding": str(ic.public_embedding),
                     "domain_embedding": str(ic.domain_embedding),
                     "embedding_sha": fingerprint(r_pub.tolist(), r_dom.tolist())}
-  if stage == "router":
+  if stage in ("router", "btx"):
     if not ic.params:
-      raise InitError("router stage needs config.init.params (a stitched model directory)")
+      raise InitError(f"{stage} stage needs config.init.params (a stitched model directory)")
     return model_io.load_params(ic.params, cfg, shardings), {
         "from": str(ic.params), "meta": model_io.read_meta(ic.params)}
-  raise InitError(f"unknown stage {stage!r}: public, expert or router")
+  raise InitError(f"unknown stage {stage!r}: public, expert, router, btx or unrestricted")

@@ -221,6 +221,19 @@ def make_partition(abstract_params, logical_axes, patterns: Sequence[str],
   return Partition(tuple(rules), bias_parametrization)
 
 
+def config_partition(config, cfg=None) -> Partition:
+  """The partition a training config's step uses: `train.trainable`, `train.trainable_experts`
+  and `train.bias_parametrization` over the params of `cfg` (default: the step's model,
+  config_base.step_model_config). The trainer and the FLOP budget both take it from here."""
+  from flexolmo_jax import config_base
+  from flexolmo_jax.model import abstract_params, param_logical_axes
+  cfg = config_base.step_model_config(config) if cfg is None else cfg
+  tc = config.train
+  experts = None if tc.trainable_experts is None else list(tc.trainable_experts)
+  return make_partition(abstract_params(cfg), param_logical_axes(cfg), list(tc.trainable),
+                        experts, tc.get("bias_parametrization", "min"))
+
+
 def sliced_shape(shape, rule: LeafRule, trainable: bool):
   if rule.slots is None:
     return tuple(shape)

@@ -31,7 +31,7 @@ from flexolmo_jax.storage import param_store
 from flexolmo_jax.train.init import fingerprint, frozen_source, initial_params
 from flexolmo_jax.train.metrics import MetricWriter
 from flexolmo_jax.train.optim import make_optimizer
-from flexolmo_jax.train.partition import flatten, make_partition, sliced_shape
+from flexolmo_jax.train.partition import config_partition, flatten, sliced_shape
 from flexolmo_jax.evaluate import steps as eval_steps
 from flexolmo_jax.train.step import init_state, make_step_fn
 
@@ -195,9 +195,7 @@ def setup_training(config, mesh=None, devices=None) -> TrainingSetup:
   mesh = mesh if mesh is not None else make_mesh(config.mesh.to_dict(), devices)
   shapes = abstract_params(cfg)
   full_sh = logical_shardings(param_logical_axes(cfg), shapes, mesh, rules)
-  partition = make_partition(shapes, param_logical_axes(cfg), list(tc.trainable),
-                             None if tc.trainable_experts is None else list(tc.trainable_experts),
-                             tc.get("bias_parametrization", "min"))
+  partition = config_partition(config, cfg)
   t_sh, f_sh = _split_shardings(partition, full_sh, shapes, mesh)
   B, T = int(tc.global_batch_size), int(tc.seq_len)
   batch_sh = {k: activation_sharding(mesh, ("act_batch", "act_length"), (B, T), rules)
