@@ -69,13 +69,17 @@ class Demo:
   data: the corpus directory (default WORK/flexmix_mini); proxies for router tuning are
     written beside it in the demo, and under WORK/proxies when the corpus is shared.
   env: extra environment of every stage (the suite's shared compilation cache).
+  stage_flags: {stage ("public", "expert", "router", ...): extra flags of its trainings}
+    (the suite's shorter tiny runs); tag: printed before each step's title.
   """
 
   def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True, jobs: int = 2,
                *, seed: int | None = None, data: pathlib.Path | None = None,
-               env: dict | None = None):
+               env: dict | None = None, stage_flags: dict | None = None, tag: str = ""):
     self.work, self.scale, self.router_tuning, self.jobs = work, scale, router_tuning, jobs
     self.seed, self.env = seed, dict(env or {})
+    self.stage_flags, self.tag = dict(stage_flags or {}), tag
+    self.embed_samples = 200  # documents each owner embeds for its router row
     self.data = data or work / "flexmix_mini"
     self.proxies = self.data if data is None else work / "proxies"
     self.logs = work / "logs"
@@ -85,7 +89,7 @@ class Demo:
     self.t0 = time.time()
 
   def step(self, title: str):
-    print(f"[{time.time() - self.t0:6.0f}s] {title}", flush=True)
+    print(f"[{time.time() - self.t0:6.0f}s] {self.tag}{title}", flush=True)
 
   def run(self, args: list, log: str):
     """A stage in its own process. Everything it prints goes to a log file; its progress bar
@@ -175,8 +179,9 @@ class Demo:
   def train_args(self, stage: str, workdir: pathlib.Path, *extra) -> list:
     """A `flexolmo_jax.train` stage of configs/flexmix_mini.py at this scale (and seed)."""
     seed = [] if self.seed is None else [f"--config.seed={self.seed}"]
+    knobs = self.stage_flags.get(stage.split(",")[0], [])
     return ["flexolmo_jax.train", f"--config={CONFIG}:{stage}{self.size}", f"--workdir={workdir}",
-            f"--config.data.root={self.data}", *seed, *extra]
+            f"--config.data.root={self.data}", *seed, *knobs, *extra]
 
   def expert_dir(self, domain: str, variant: str = "") -> pathlib.Path:
     return self.work / (f"expert_{domain}_{variant}" if variant else f"expert_{domain}")
@@ -217,7 +222,7 @@ class Demo:
       out = out_dir / f"{name}.npy"
       if not out.exists():
         jobs.append((["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
-                      "--samples=200", *embedder], f"{log}_{name}"))
+                      f"--samples={self.embed_samples}", *embedder], f"{log}_{name}"))
     return jobs
 
   def embeddings(self):
@@ -269,21 +274,31 @@ class Demo:
     """The model the report is about: router-tuned if that stage ran, else as stitched."""
     return self.work / "router" / "export" if self.router_tuning else self.work / "merged"
 
-  def tune_router(self):
-    if not self.router_tuning or (self.work / "router" / "export" / "model_config.json").exists():
-      return
-    self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
-    self.run_parallel([(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
-                         f"--name=proxy_{d}", f"--out={self.proxies}",
-                         f"--tokenizer={self.data / 'tokenizer.json'}",
-                         f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
-                       for d in DOMAINS if not (self.proxies / f"proxy_{d}").exists()])
+  def proxy_jobs(self) -> list:
+    """The coordinator samples proxy text from each owner's 2-expert model (missing ones)."""
+    return [(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
+              f"--name=proxy_{d}", f"--out={self.proxies}",
+              f"--tokenizer={self.data / 'tokenizer.json'}",
+              f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+            for d in DOMAINS if not (self.proxies / f"proxy_{d}").exists()]
+
+  def router_job(self) -> tuple[list, str]:
     # Proxies outside the corpus directory (a corpus shared by seeds): named by path.
     sources = [] if self.proxies == self.data else [
         "--config.data.sources=" + repr([("public", 1.0)] + [
             (str(self.proxies / f"proxy_{d}"), 1.0) for d in DOMAINS])]
-    self.run(self.train_args("router", self.work / "router",
-                             f"--config.init.params={self.work / 'merged'}", *sources), "router")
+    return (self.train_args("router", self.work / "router",
+                            f"--config.init.params={self.work / 'merged'}", *sources), "router")
+
+  def router_tuned(self) -> bool:
+    return (self.work / "router" / "export" / "model_config.json").exists()
+
+  def tune_router(self):
+    if not self.router_tuning or self.router_tuned():
+      return
+    self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
+    self.run_parallel(self.proxy_jobs())
+    self.run(*self.router_job())
 
   def evaluate(self):
     # (checkpoint, extra flags) per evaluation; "merged" is always the final model.
