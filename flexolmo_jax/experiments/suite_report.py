@@ -156,7 +156,7 @@ def _plots(results: list[dict], out_dir: pathlib.Path) -> dict[str, str]:
   for i, name in enumerate(names):
     ms = [mean_std([m[name][d] for m in mains]) for d in EVAL_DOMAINS]
     ax.bar(np.arange(len(EVAL_DOMAINS)) + i * w, [a for a, _ in ms], w,
-           yerr=[b for _, b in ms], label=name, capsize=2)
+           yerr=[b for _, b in ms], label=name, capsize=2, color=plt.cm.tab20(i % 20))
   ax.set_xticks(np.arange(len(EVAL_DOMAINS)) + 0.4 - w / 2, EVAL_DOMAINS)
   ax.set_ylabel("validation loss (nats)")
   lows = [m[n][d] for m in mains for n in names for d in EVAL_DOMAINS]
