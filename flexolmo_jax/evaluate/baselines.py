@@ -23,6 +23,7 @@ configs/flexmix_mini.py:btx and :unrestricted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Mapping
 
@@ -110,6 +111,17 @@ def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
 # --- prompt-based routing ----------------------------------------------------------------
 
 
+def _hashable(rules):
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _logprob_fn(cfg: ModelConfig, rules):
+  """The jitted logprob step of a member (kept: each evaluation domain reuses it)."""
+  return jax.jit(steps.make_logprob_fn(cfg, rules))
+
+
 def _prefix_feature_fn(cfg: ModelConfig):
   """jitted (params, ids [B, P], valid [B, P]) -> [B, d] fp32: the mean final hidden state
   (before the last norm) over each row's valid prefix positions. The model is causal, so a
@@ -125,11 +137,10 @@ def _prefix_feature_fn(cfg: ModelConfig):
   return jax.jit(fn)
 
 
-def _rows(local, prefix_tokens: int):
-  """(ids [B, P], valid [B, P], row has a scored token [B]) of a host batch."""
-  ids = np.asarray(local["input_ids"])[:, :prefix_tokens]
-  valid = np.asarray(local["loss_mask"])[:, :prefix_tokens] > 0
-  return ids, valid, np.asarray(local["loss_mask"]).sum(axis=1) > 0
+def _rows(local):
+  """(ids [B, T], valid [B, T], row has a scored token [B]) of a host batch."""
+  valid = np.asarray(local["loss_mask"]) > 0
+  return np.asarray(local["input_ids"]), valid, valid.any(axis=1)
 
 
 @dataclasses.dataclass
@@ -147,12 +158,14 @@ class PromptRouter:
   public: tuple[ModelConfig, Any] = dataclasses.field(repr=False, default=None)
   _features: Any = dataclasses.field(repr=False, default=None, compare=False)
 
-  def features(self, ids, valid) -> np.ndarray:
-    """[B, d] prefix features of token rows (ids and valid [B, >= P]; the first P used)."""
+  def features(self, ids, valid, prefix_tokens: int | None = None) -> np.ndarray:
+    """[B, d] features of token rows ids, valid [B, T] from their first `prefix_tokens`
+    positions (default: the router's own)."""
     if self._features is None:
       self._features = _prefix_feature_fn(self.public[0])
-    ids = np.asarray(ids)[:, :self.prefix_tokens]
-    valid = np.asarray(valid)[:, :self.prefix_tokens]
+    p = self.prefix_tokens if prefix_tokens is None else int(prefix_tokens)
+    ids = np.asarray(ids)[:, :p]
+    valid = np.asarray(valid)[:, :p]
     return np.asarray(self._features(self.public[1], jnp.asarray(ids, jnp.int32),
                                      jnp.asarray(valid)), np.float64)
 
@@ -175,42 +188,39 @@ def _as_loader(source, tokenizer, seq_len, batch_size, split):
   return source
 
 
-def fit_softmax_regression(x, y, num_classes: int, l2: float = 1e-3, steps: int = 500,
+def fit_softmax_regression(x, y, num_classes: int, l2: float = 1e-3, fit_steps: int = 500,
                            lr: float = 0.1):
-  """(mean, scale, W, b) of a class-balanced softmax regression on standardised x [N, d]."""
-  import optax
+  """(mean, scale, W, b) of a class-balanced, L2-regularised softmax regression on
+  standardised x [N, d], fitted by full-batch Adam in numpy (small, convex: no compilation)."""
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.int64)
   mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-  z = jnp.asarray((x - mean) / scale, jnp.float32)
+  z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)  # last column: bias
   counts = np.bincount(y, minlength=num_classes)
+  if np.any(counts == 0):
+    raise ValueError(f"every class needs rows; counts {counts.tolist()}")
   # Each class weighs the same whatever its row count (proxy sets are small).
-  row_w = jnp.asarray(1.0 / (num_classes * counts[y]), jnp.float32)
-  onehot = jax.nn.one_hot(jnp.asarray(y), num_classes)
-
-  def loss(p):
-    logp = jax.nn.log_softmax(z @ p["w"] + p["b"])
-    return -jnp.sum(row_w * jnp.sum(onehot * logp, axis=-1)) + l2 * jnp.sum(p["w"] ** 2)
-
-  params = {"w": jnp.zeros((z.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-  tx = optax.adam(lr)
-
-  @jax.jit
-  def step(p, s):
-    g = jax.grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state = step(params, state)
-  return mean, scale, np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+  row_w = 1.0 / (num_classes * counts[y])
+  onehot = np.eye(num_classes)[y]
+  w = np.zeros((z.shape[1], num_classes))
+  m = v = np.zeros_like(w)
+  b1, b2 = 0.9, 0.999
+  for t in range(1, fit_steps + 1):
+    logits = z @ w
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    g = z.T @ ((p - onehot) * row_w[:, None])
+    g[:-1] += 2 * l2 * w[:-1]  # the bias is not regularised
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    w -= lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+  return mean, scale, w[:-1], w[-1]
 
 
 def train_prompt_router(cfg: ModelConfig, public_params, coordinator_data: Mapping[str, Any],
                         prefix_tokens: int = 32, *, tokenizer=None, seq_len: int | None = None,
                         batch_size: int = 8, split: str = "train", max_rows: int = 512,
-                        l2: float = 1e-3, steps: int = 500) -> PromptRouter:
+                        l2: float = 1e-3, fit_steps: int = 500) -> PromptRouter:
   """Fits the prompt router on the coordinator's data only.
 
   cfg, public_params: the dense public model (the feature extractor).
@@ -221,6 +231,7 @@ def train_prompt_router(cfg: ModelConfig, public_params, coordinator_data: Mappi
     seq_len= and batch_size= (their `split`, "train" by default).
   prefix_tokens: how many leading tokens of a row the router sees.
   max_rows: at most this many rows per label (the first ones, in the loader's order).
+  l2, fit_steps: the regression's L2 weight and full-batch Adam steps.
   Returns a PromptRouter whose `labels` are the keys of `coordinator_data` in order.
   """
   if not coordinator_data:
@@ -239,8 +250,8 @@ def train_prompt_router(cfg: ModelConfig, public_params, coordinator_data: Mappi
     loader = _as_loader(coordinator_data[label], tokenizer, seq_len, batch_size, split)
     n = 0
     for local in loader:
-      ids, valid, keep = _rows(local, prefix_tokens)
-      keep &= valid.any(axis=1)
+      ids, valid, keep = _rows(local)
+      keep &= valid[:, :prefix_tokens].any(axis=1)
       if not keep.any():
         continue
       f = router.features(ids, valid)[keep][:max_rows - n]
@@ -253,7 +264,7 @@ def train_prompt_router(cfg: ModelConfig, public_params, coordinator_data: Mappi
       raise ValueError(f"coordinator data {label!r} gave no rows")
     router.trained_on[label] = n
   mean, scale, w, b = fit_softmax_regression(np.concatenate(feats), np.asarray(ys), len(labels),
-                                             l2, steps)
+                                             l2, fit_steps)
   router.mean, router.scale, router.weights, router.bias = mean, scale, w, b
   return router
 
@@ -272,14 +283,14 @@ def prompt_routing_scores(router: PromptRouter, members: Mapping[str, tuple[Mode
   if missing:
     raise ValueError(f"router labels {missing} have no member; members {sorted(members)}")
   p = router.prefix_tokens if prefix_tokens is None else int(prefix_tokens)
-  fns = {l: jax.jit(steps.make_logprob_fn(members[l][0], rules)) for l in router.labels}
+  fns = {l: _logprob_fn(members[l][0], _hashable(rules)) for l in router.labels}
   total = count = 0.0
   routed = np.zeros(len(router.labels), np.int64)
   for local in loader:
-    ids, valid, keep = _rows(local, p)
+    ids, valid, keep = _rows(local)
     if not keep.any():
       continue
-    choice = router.predict(router.features(ids, valid))
+    choice = router.predict(router.features(ids, valid, p))
     mask = np.asarray(local["loss_mask"], np.float64)
     b = None
     for c in np.unique(choice[keep]):
