@@ -50,7 +50,7 @@ def test_ablation_table():
 
 def test_suite_tiny_two_seeds_report_and_resume(tmp_path):
   cmd = _cmd("--suite=paper", f"--workdir={tmp_path}", "--scale=tiny", "--seeds=2")
-  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=2400)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   report = (tmp_path / "report.md").read_text()
   assert "mean ± std over 2 seeds" in report
