@@ -82,3 +82,27 @@ def test_suite_tiny_two_seeds_report_and_resume(tmp_path):
   stages = [l for l in second.stdout.splitlines() if re.match(r"\[\s*\d+s\] ", l)]
   assert [l.split("] ", 1)[1] for l in stages] == ["report"], stages  # every stage skipped
   assert "  $ " not in second.stdout  # no process started
+
+
+def test_claims_are_checked_on_every_seed():
+  """A claim is 'reproduced' only if it holds on every seed; the spread is printed."""
+  from flexolmo_jax.experiments import suite_report as sr
+  doms = sr.EVAL_DOMAINS
+
+  def losses(v, **at):
+    out = {d: at.get(d, v) for d in doms}
+    out["avg"] = sum(out.values()) / len(doms)
+    return out
+
+  def seed(merged):
+    opt = {"all experts": losses(merged)}
+    opt.update({f"-{d}": losses(merged, **{d: merged + 1.0}) for d in sr.DOMAINS})
+    return {"main": {"public": losses(5.0), sr.MERGED: losses(merged), "model soup": losses(4.8),
+                     "BTM ensemble": losses(4.9), "unrestricted MoE (equal FLOPs)": losses(4.7)},
+            "opt_out": opt}
+  good = sr.claims([seed(4.5), seed(4.6)], True)
+  assert sum(l.startswith("- **reproduced**") for l in good) == 4, good
+  mixed = sr.claims([seed(4.5), seed(4.85)], True)  # seed 2 loses to model soup and to unrestricted
+  verdicts = [l.split("**")[1] for l in mixed if l.startswith("- **")]
+  assert verdicts == ["reproduced", "not reproduced", "not reproduced", "reproduced"], mixed
+  assert "(in 1/2 seeds)" in mixed[3] and "±" in mixed[3]
