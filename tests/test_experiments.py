@@ -1,0 +1,108 @@
+"""The experiments suite at tiny scale, 2 seeds, every ablation: the report has the tables
+(mean ± std over seeds) and each claim's verdict, a re-run skips every finished stage, and a
+bad --suite / --ablations is a usage error."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from train_utils import ROOT
+
+CELL = re.compile(r"\d+\.\d{3} ± \d+\.\d{3}")
+
+
+def _cmd(*args):
+  return [sys.executable, "-m", "flexolmo_jax.experiments", *args]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--suite=bogus"], "--suite"),
+    (["--suite=paper", "--ablations=router_init,nope"], "nope"),
+    (["--suite=paper", "--ablations=all,bias"], "all"),
+])
+def test_bad_suite_or_ablations_is_a_usage_error(tmp_path, args, needle):
+  r = subprocess.run(_cmd(*args, f"--workdir={tmp_path}"), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert "error:" in r.stderr and needle in r.stderr
+  assert not (tmp_path / "flexmix_mini").exists()  # nothing ran
+
+
+def test_ablation_table():
+  from flexolmo_jax.experiments import suite
+  assert suite.parse_ablations("all") == list(suite.ABLATIONS)
+  assert suite.parse_ablations("none") == []
+  vs = suite.variants(["top_k", "router_init", "public_mix"], "small", False, 0.25)
+  names = [v.name for v in vs]
+  assert names == ["init_mean", "init_random", "mix_0", "mix_50", "topk_1", "topk_3", "topk_4"]
+  assert [v.trains for v in vs] == [True] * 4 + [False] * 3
+  # Where the default init already is the mean hidden state, that variant is not retrained.
+  assert "init_mean" not in [v.name for v in suite.variants(["router_init"], "tiny", True, 0.25)]
+
+
+def test_suite_tiny_two_seeds_report_and_resume(tmp_path):
+  cmd = _cmd("--suite=paper", f"--workdir={tmp_path}", "--scale=tiny", "--seeds=2")
+  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=2400)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  report = (tmp_path / "report.md").read_text()
+  assert "mean ± std over 2 seeds" in report
+  for section in ["## Models", "## Claims", "## Opt-out matrix", "## Ablations",
+                  "### router_init", "### bias", "### router_tuning", "### top_k",
+                  "### public_mix"]:
+    assert section in report, section
+  for row in ["| public |", "| merged (router-tuned) |", "| model soup |", "| BTM ensemble |",
+              "| prompt routing |", "| BTX |", "| unrestricted MoE (equal FLOPs) |", "| -math |",
+              "| top-1 |", "| random |", "| no bias |", "| public share 0 |"]:
+    assert row in report, row
+    line = next(l for l in report.splitlines() if l.startswith(row))
+    assert len(CELL.findall(line)) == 5, line  # 4 domains + avg, each mean ± std
+  claims = [l for l in report.splitlines() if l.startswith("- **")]
+  assert len(claims) == 4, claims
+  assert all(re.match(r"- \*\*(reproduced|not reproduced)\*\*: ", l) for l in claims), claims
+  for topic in ["merged < public on every domain", "best merging baseline",
+                "unrestricted MoE at equal training FLOPs", "opting an expert out"]:
+    assert any(topic in l for l in claims), topic
+  for png in ["losses.png", "opt_out.png", "routing.png", "ablations.png",
+              "seed_0/training_curves.png"]:
+    assert (tmp_path / png).stat().st_size > 0, png
+  # The seeds differ (the training seed), the corpus is shared.
+  assert (tmp_path / "seed_1" / "eval" / "merged" / "results.json").exists()
+  assert not (tmp_path / "seed_0" / "flexmix_mini").exists()
+
+  second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  stages = [l for l in second.stdout.splitlines() if re.match(r"\[\s*\d+s\] ", l)]
+  assert [l.split("] ", 1)[1] for l in stages] == ["report"], stages  # every stage skipped
+  assert "  $ " not in second.stdout  # no process started
+
+
+def test_claims_are_checked_on_every_seed():
+  """A claim is 'reproduced' only if it holds on every seed; the spread is printed."""
+  from flexolmo_jax.experiments import suite_report as sr
+  doms = sr.EVAL_DOMAINS
+
+  def losses(v, **at):
+    out = {d: at.get(d, v) for d in doms}
+    out["avg"] = sum(out.values()) / len(doms)
+    return out
+
+  def seed(merged):
+    opt = {"all experts": losses(merged)}
+    opt.update({f"-{d}": losses(merged, **{d: merged + 1.0}) for d in sr.DOMAINS})
+    return {"main": {"public": losses(5.0), sr.MERGED: losses(merged), "model soup": losses(4.8),
+                     "BTM ensemble": losses(4.9), "unrestricted MoE (equal FLOPs)": losses(4.7)},
+            "opt_out": opt}
+  good = sr.claims([seed(4.5), seed(4.6)], True)
+  assert sum(l.startswith("- **reproduced**") for l in good) == 4, good
+  mixed = sr.claims([seed(4.5), seed(4.85)], True)  # seed 2 loses to model soup and to unrestricted
+  verdicts = [l.split("**")[1] for l in mixed if l.startswith("- **")]
+  assert verdicts == ["reproduced", "not reproduced", "not reproduced", "reproduced"], mixed
+  assert "(in 1/2 seeds)" in mixed[3] and "±" in mixed[3]
