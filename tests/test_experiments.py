@@ -48,6 +48,10 @@ def test_ablation_table():
   assert "init_mean" not in [v.name for v in suite.variants(["router_init"], "tiny", True, 0.25)]
 
 
+# ~35 processes per seed: ~25 min on a loaded 2-core box, more than the whole CI budget.
+# Opt in with FLEXOLMO_SLOW_TESTS=1 (see README, "Experiments").
+@pytest.mark.skipif(not os.environ.get("FLEXOLMO_SLOW_TESTS"),
+                    reason="the whole tiny suite, 2 seeds (set FLEXOLMO_SLOW_TESTS=1)")
 def test_suite_tiny_two_seeds_report_and_resume(tmp_path):
   cmd = _cmd("--suite=paper", f"--workdir={tmp_path}", "--scale=tiny", "--seeds=2")
   first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=2400)
