@@ -14,8 +14,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ("demo", "inspect", "prepare_data", "build_flexmix_mini", "train", "router_init",
-            "stitch", "proxy_data", "convert", "evaluate", "generate", "aot")
-PACKAGES = ("train", "stitch", "convert", "evaluate", "aot")
+            "stitch", "proxy_data", "convert", "evaluate", "generate", "aot", "experiments")
+PACKAGES = ("train", "stitch", "convert", "evaluate", "aot", "experiments")
 ENV = {"D": "/tmp/flexmix_mini", "W": "/tmp/workdir", "ZONE": "z", "PROJECT": "p",
        "FLEXOLMO_DATA_DIR": "/tmp/data"}
 
