@@ -17,9 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 BUCKET = "flexolmo-test"
+# gcsfs reads this one when it is imported: set it on import of this module, before gcsfs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def _drain(stream) -> None:
+  for _ in iter(lambda: stream.read(1 << 16), b""):
+    pass
 
 
 @contextlib.contextmanager
@@ -28,6 +36,9 @@ def running(bucket: str = BUCKET) -> Iterator[str]:
 
   server = FakeGCSServer()  # a free port on 127.0.0.1; in-memory-ish (a temporary directory)
   server.start()  # sets STORAGE_EMULATOR_HOST
+  # The wrapper pipes the server's stderr and never reads it: the server logs every request
+  # there and would block once the pipe buffer is full. Drain it.
+  threading.Thread(target=_drain, args=(server._process.stderr,), daemon=True).start()
   env = {"TENSORSTORE_GCS_HTTP_URL": server.url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": server.url,
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test"}
   saved = {k: os.environ.get(k) for k in env}

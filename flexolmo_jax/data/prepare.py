@@ -32,7 +32,8 @@ from etils import epath
 
 from flexolmo_jax.data import beam_map, readers, tfds_builder
 from flexolmo_jax.storage import atomic
-from flexolmo_jax.storage.paths import as_path, size
+from flexolmo_jax.storage import paths
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def plan_units(files: Sequence[readers.InputFile],
   unit of its own). A pure function of the file list and sizes, so both executors agree."""
   units, current, size = [], [], 0
   for f in files:
-    n = size(f.path)
+    n = paths.size(f.path)
     if current and size + n > shard_input_bytes:
       units.append(tuple(current))
       current, size = [], 0
@@ -89,7 +90,7 @@ def scan_unit(files: Sequence[readers.InputFile], *, text_field: str, fraction: 
         best = [u, ordinal]
       ordinal += 1
       n_file += 1
-    per_file.append({"path": f.path, "bytes_on_disk": size(f.path),
+    per_file.append({"path": f.path, "bytes_on_disk": paths.size(f.path),
                      "documents": n_file, "skipped": skips.total - skipped_before})
     log.info("scanned %s: %d documents, %d skipped", f.path, n_file,
              skips.total - skipped_before)
@@ -160,7 +161,7 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
   atomic.check_target(target, overwrite, DataError)  # fail now, not after hours of work
   units = plan_units(files, shard_input_bytes)
   executor = beam_map.make_runner(runner, num_workers, beam_options,
-                                  input_bytes=sum(size(f.path) for f in files))
+                                  input_bytes=sum(paths.size(f.path) for f in files))
   options = {"text_field": text_field, "fraction": validation_fraction, "strict": strict}
 
   with executor.scratch(out_dir) as work:

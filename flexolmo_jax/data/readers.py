@@ -84,12 +84,10 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
       raise DataError("no such file or directory", location=spec)
     elif epath.Path(spec).is_dir():
       found = []
-      for dirpath, dirnames, filenames in epath.Path(spec).walk():
-        dirnames.sort()  # deterministic walk order
-        for fn in sorted(filenames):
-          f = classify(os.fspath(epath.Path(dirpath) / fn))
-          if f is not None:
-            found.append(f)
+      for path in _walk_files(epath.Path(spec)):
+        f = classify(os.fspath(path))
+        if f is not None:
+          found.append(f)
       if not found:
         raise DataError(
             f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
@@ -111,6 +109,16 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
           raise DataError(f"file is not readable ({e})", location=f.path) from e
         files.append(f)
   return files
+
+
+def _walk_files(directory: epath.Path) -> Iterator[epath.Path]:
+  """Files below `directory`, in os.walk's top-down order with sorted names (deterministic).
+  Not epath's walk(): on gs:// it yields bucket-relative directory names."""
+  entries = sorted(directory.iterdir(), key=lambda p: p.name)
+  subdirs = [e for e in entries if e.is_dir()]
+  yield from (e for e in entries if e not in subdirs)
+  for sub in subdirs:
+    yield from _walk_files(sub)
 
 
 def _glob(spec: str) -> list[epath.Path]:

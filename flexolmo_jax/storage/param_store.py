@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from flexolmo_jax.storage.paths import as_path, kvstore_url
+from flexolmo_jax.storage.paths import as_path, files_under, kvstore_url
 
 PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing model_io)
 CHUNK_BYTES = 64 << 20  # upper bound of one stored chunk / one streamed piece
@@ -449,7 +449,7 @@ def tree_leaves(abstract_tree) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
 
 def params_nbytes(model_dir) -> int:
   root = _params_root(model_dir)
-  return sum(f.stat().length for f in root.rglob("*") if f.is_file())
+  return sum(f.stat().length for f in files_under(root))
 
 
 def tune_malloc() -> None:

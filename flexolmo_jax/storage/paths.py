@@ -68,8 +68,15 @@ def copy_tree(src, dest) -> None:
   """Copy the files under directory `src` to `dest` (any epath locations; epath has no
   copytree). Empty directories are not copied: object stores have none."""
   src, dest = as_path(src), as_path(dest)
-  for f in sorted(src.rglob("*")):
-    if f.is_file():
-      out = dest / f.relative_to(src)
-      out.parent.mkdir(parents=True, exist_ok=True)
-      f.copy(out, overwrite=True)
+  for f in files_under(src):
+    out = dest / os.fspath(f)[len(os.fspath(src)) + 1:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f.copy(out, overwrite=True)
+
+
+def files_under(directory) -> list[epath.Path]:
+  """Every file below `directory`, sorted (epath refuses recursive `**` globs on gs://)."""
+  out = []
+  for p in sorted(as_path(directory).iterdir()):
+    out.extend(files_under(p) if p.is_dir() else [p])
+  return out
