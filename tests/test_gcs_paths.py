@@ -53,6 +53,7 @@ def test_lifecycle_with_every_path_on_gcs(bucket, tmp_path, monkeypatch):
 
   config = tiny_stage_config("public", data, steps=3, log_every=3)
   config.checkpoint.every = 3
+  config.eval.sources = {"public": "public", "math": "math"}  # the two domains prepared here
   summary = train(config, os.fspath(work / "public"))
   assert summary["step"] == 3 and model_io.is_model_dir(work / "public" / "export")
   assert (work / "public" / "metrics.jsonl").read_text().count("\n") == 1
