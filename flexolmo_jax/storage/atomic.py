@@ -74,7 +74,9 @@ def require_sealed(path, error=StagingError, what: str = "directory") -> None:
   p = as_path(path)
   if not (p / SEAL).exists():
     raise error(f"{p} is an incomplete {what}: it has no {SEAL} seal (its writer was "
-                f"interrupted or is still copying it); write it again with --overwrite")
+                f"interrupted or is still copying it); write it again with --overwrite (a directory "
+                f"written before seals existed: create an empty {p / SEAL} once it is known "
+                f"complete)")
 
 
 def check_target(target, overwrite: bool, error=StagingError) -> None:
