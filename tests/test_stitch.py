@@ -14,6 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flexolmo_jax.storage import atomic
+
 import flexolmo_jax
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.model.expert_mask import UnknownExpertError
@@ -237,6 +239,9 @@ def test_legacy_single_chunk_checkpoints_stitch_identically(synth, tmp_path):
   path, p, cfg = synth["experts"]["math"]
   ocp.PyTreeCheckpointer().save(legacy / "params", p)
   shutil.copy(path / "model_config.json", legacy / "model_config.json")
+  with pytest.raises((StitchError, SourceError), match="incomplete model directory"):  # no seal
+    stitch(synth["public"], [("math", legacy)], tmp_path / "a", progress=False)
+  (legacy / atomic.SEAL).write_text("")  # what a user does for a directory known complete
   a = stitch(synth["public"], [("math", legacy)], tmp_path / "a", progress=False)
   b = stitch(synth["public"], [("math", path)], tmp_path / "b", progress=False)
   ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))

@@ -138,7 +138,7 @@ def test_stager_refuses_existing_and_cleans_a_killed_leftover(tmp_path):
       pass
   with atomic.staged_directory(target, overwrite=True) as stage:
     (stage / "g").write_text("2")
-  assert sorted(f.name for f in target.iterdir()) == ["g"]
+  assert sorted(f.name for f in target.iterdir()) == [atomic.SEAL, "g"]  # the seal comes last
 
 
 def test_no_private_orbax_imports_and_no_torch_in_core():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pathlib
-import shutil
 import sys
+
+from etils import epath
 
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.convert import hf_mapping
@@ -22,11 +22,12 @@ from flexolmo_jax.convert.to_hf import (INDEX_FILE, TOKENIZER_FILES, ConvertErro
 from flexolmo_jax.model.params import abstract_params
 from flexolmo_jax.storage.atomic import staged_directory
 from flexolmo_jax.storage.param_store import ParamWriter, ordered_map, tree_leaves
+from flexolmo_jax.storage.paths import as_path
 
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers' in-memory layout
 
 
-def _shard_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+def _shard_files(hf_dir: epath.Path) -> list[epath.Path]:
   index = hf_dir / INDEX_FILE
   if index.is_file():
     weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -73,14 +74,14 @@ def _locate(cfg, where: dict[str, Reader]):
 
 
 def from_hf(hf_dir, out, *, param_dtype: str | None = None, dtype: str | None = None,
-            overwrite: bool = False, workers: int = 2, progress: bool = True) -> pathlib.Path:
+            overwrite: bool = False, workers: int = 2, progress: bool = True) -> epath.Path:
   """Write the model directory `out` from the transformers folder `hf_dir`.
 
   param_dtype: storage dtype of the params (default: as stored in the HF files).
   dtype: compute dtype recorded in the model config (default bfloat16).
   """
   from tqdm import tqdm
-  hf_dir = pathlib.Path(hf_dir).absolute()
+  hf_dir = as_path(hf_dir)
   conf_file = hf_dir / "config.json"
   if not conf_file.is_file():
     raise ConvertError(f"{hf_dir}: no config.json (not a transformers model folder)")
@@ -162,10 +163,10 @@ def from_hf(hf_dir, out, *, param_dtype: str | None = None, dtype: str | None = 
     if carried:
       (tmp / model_io.TOKENIZER_DIR).mkdir()
       for n in carried:
-        shutil.copy2(hf_dir / n, tmp / model_io.TOKENIZER_DIR / n)
+        (hf_dir / n).copy(tmp / model_io.TOKENIZER_DIR / n)
     meta = {"stage": "imported", "from": str(hf_dir), "model_type": hf.get("model_type"),
             "architectures": hf.get("architectures"), "tokenizer_files": carried}
     (tmp / model_io.META_FILE).write_text(json.dumps(meta, indent=1))
     (tmp / model_io.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
   logging.info("imported %s (%s) -> %s", hf_dir, hf.get("model_type"), out)
-  return pathlib.Path(out)
+  return as_path(out)

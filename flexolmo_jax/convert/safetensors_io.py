@@ -3,15 +3,20 @@
 Reading streams: `safe_open(..., framework="numpy")` maps the file and `get_slice` copies out one
 tensor, or one block of its rows, at a time. Writing is one HF shard at a time with
 `safetensors.numpy.save_file`: memory is bounded by one shard (`--max-shard-size`).
+Both take any epath path (gs://...): the library maps and writes local files only, so a shard
+is written to a local temporary file and copied to its destination, and a shard is read from a
+local temporary copy (storage.paths; on a local disk that is one extra copy per shard).
 """
 from __future__ import annotations
 
-import pathlib
+import contextlib
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from flexolmo_jax.storage.paths import as_path, local_copy, local_file
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
           "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -27,9 +32,10 @@ class Reader:
   """One .safetensors file, opened (and its header checked) up front, tensors read on demand."""
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
+    self.path = as_path(path)
+    self._local = contextlib.ExitStack()  # the local copy lives as long as the reader
     try:
-      self._f = safe_open(str(self.path), framework="numpy")
+      self._f = safe_open(self._local.enter_context(local_copy(self.path)), framework="numpy")
     except Exception as e:  # the library checks the header covers the file exactly
       raise SafetensorsError(f"{self.path}: truncated or not a safetensors file ({e})") from e
     self._keys = list(self._f.keys())
@@ -64,5 +70,6 @@ class Reader:
 def save_shard(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
   """Write one shard file (tensors in insertion order of `tensors`; transformers' metadata)."""
   # save_file writes from each array's own memory (safetensors >= 0.8): nothing is copied.
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-            metadata=dict(metadata or {"format": "pt"}))
+  with local_file(path, suffix=".safetensors") as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+              metadata=dict(metadata or {"format": "pt"}))

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pathlib
-import shutil
 import sys
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from flexolmo_jax.storage import model_io
 from flexolmo_jax.convert import hf_mapping
@@ -23,6 +22,7 @@ from flexolmo_jax.convert.safetensors_io import save_shard
 from flexolmo_jax.model.expert_mask import UnknownExpertError
 from flexolmo_jax.storage.atomic import staged_directory
 from flexolmo_jax.storage.param_store import CHUNK_BYTES, ParamReader, ordered_map
+from flexolmo_jax.storage.paths import as_path
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tokenizer (and generation) files carried between HF folders and model directories.
@@ -126,12 +126,12 @@ class ShardArena:
     self.tensors, self._offset = {}, 0
 
 
-def _write_shard(arena: ShardArena, path: pathlib.Path) -> None:
+def _write_shard(arena: ShardArena, path: epath.Path) -> None:
   save_shard(path, arena.tensors)
   arena.clear()
 
 
-def _find_tokenizer(model_dir: pathlib.Path, depth: int = 0) -> pathlib.Path | None:
+def _find_tokenizer(model_dir: epath.Path, depth: int = 0) -> epath.Path | None:
   """Tokenizer files this model is known to use: carried ones, else the training data's."""
   tok = model_dir / model_io.TOKENIZER_DIR
   if tok.is_dir():
@@ -147,31 +147,31 @@ def _find_tokenizer(model_dir: pathlib.Path, depth: int = 0) -> pathlib.Path | N
           t = json.loads(f.read_text()).get("data", {}).get("tokenizer")
         except (ValueError, AttributeError, OSError):
           continue
-        if t and pathlib.Path(t).is_file():
-          return pathlib.Path(t)
+        if t and as_path(t).is_file():
+          return as_path(t)
   if depth < 2:  # a stitched or pruned model: ask the public model / the source
     for rec in (meta.get("public"), meta.get("from")):
       if isinstance(rec, dict) and rec.get("model_dir"):
-        found = _find_tokenizer(pathlib.Path(rec["model_dir"]), depth + 1)
+        found = _find_tokenizer(as_path(rec["model_dir"]), depth + 1)
         if found:
           return found
   return None
 
 
-def copy_tokenizer(src: pathlib.Path, dest: pathlib.Path, cfg) -> list[str]:
+def copy_tokenizer(src: epath.Path, dest: epath.Path, cfg) -> list[str]:
   """Copy tokenizer files (a folder, or a lone tokenizer.json plus a generated config)."""
   copied = []
   if src.is_dir():
     for name in TOKENIZER_FILES:
       if (src / name).is_file():
-        shutil.copy2(src / name, dest / name)
+        (src / name).copy(dest / name, overwrite=True)
         copied.append(name)
   elif src.is_file():
-    shutil.copy2(src, dest / "tokenizer.json")
+    src.copy(dest / "tokenizer.json", overwrite=True)
     copied.append("tokenizer.json")
   if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
     import tokenizers  # a lone tokenizer.json (this project's data tokenizer): describe it
-    tok = tokenizers.Tokenizer.from_file(str(dest / "tokenizer.json"))
+    tok = tokenizers.Tokenizer.from_str((dest / "tokenizer.json").read_text())
     conf = {"tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": cfg.max_seq_len,
             "eos_token": tok.id_to_token(cfg.eos_token_id),
@@ -185,7 +185,7 @@ def copy_tokenizer(src: pathlib.Path, dest: pathlib.Path, cfg) -> list[str]:
 
 def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
           drop_bias: bool = False, max_shard_size="256MiB", tokenizer=None,
-          overwrite: bool = False, workers: int = 2, progress: bool = True) -> pathlib.Path:
+          overwrite: bool = False, workers: int = 2, progress: bool = True) -> epath.Path:
   """Write `ckpt` (model dir / workdir / stitched model) as a transformers folder at `out`.
 
   exclude: expert names to remove. dtype: "float32" | "bfloat16" | None (as stored).
@@ -304,7 +304,7 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
     (tmp / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
         indent=1))
-    tok = pathlib.Path(tokenizer) if tokenizer else _find_tokenizer(src.model_dir)
+    tok = as_path(tokenizer) if tokenizer else _find_tokenizer(src.model_dir)
     if tok is not None:
       copied = copy_tokenizer(tok, tmp, out_cfg)
       logging.info("tokenizer files from %s: %s", tok, copied)
@@ -314,4 +314,4 @@ def to_hf(ckpt, out, *, exclude: Sequence[str] = (), dtype: str | None = None,
     # Written last: a folder is loadable only once config.json exists (and it is renamed
     # into place atomically anyway).
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
-  return pathlib.Path(out)
+  return as_path(out)

@@ -2,36 +2,55 @@
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
+import json
 import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from flexolmo_jax.data.errors import DataError
+from flexolmo_jax.storage import atomic
+from flexolmo_jax.storage.paths import as_path
 
 _INFO = "dataset_info.json"
 
 
 def resolve_dataset_dir(path: str) -> str:
   """Accepts DATA_DIR/NAME/VERSION, DATA_DIR/NAME or a DATA_DIR holding exactly one dataset."""
-  path = os.path.abspath(os.path.expanduser(str(path)))
-  if os.path.isfile(os.path.join(path, _INFO)):
+  root = as_path(path)  # any epath location: local, gs://...
+  path = os.fspath(root)
+  if (root / _INFO).is_file():
+    _require_complete(root)
     return path
-  if not os.path.isdir(path):
+  if not root.is_dir():
     raise DataError("no such dataset directory", location=path)
   found = []
   for depth in (1, 2):  # NAME/VERSION below a data dir, or VERSION below a name dir
-    pattern = [path] + ["*"] * depth + [_INFO]
-    found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(*pattern))
-                   if "/." not in p[len(path):])  # ignore .partial staging dirs
+    pattern = "/".join(["*"] * depth + [_INFO])
+    found = sorted(os.fspath(p.parent) for p in root.glob(pattern)
+                   if "/." not in os.fspath(p)[len(path):])  # ignore .partial staging dirs
     if found:
       break
   if len(found) != 1:
     what = "no prepared dataset" if not found else f"several datasets ({', '.join(found)})"
     raise DataError(f"{what} found; pass DATA_DIR/NAME/VERSION", location=path)
+  _require_complete(epath.Path(found[0]))
   return found[0]
+
+
+def _require_complete(root: epath.Path) -> None:
+  """A dataset prepare_data wrote (its metadata says so) must carry the stager's seal: without
+  it the copy onto the bucket was cut short. TFDS datasets from other tools have no seal."""
+  meta = root / "metadata.json"
+  if not atomic.is_sealed(root) and meta.is_file():
+    try:
+      ours = str(json.loads(meta.read_text()).get("format", "")).startswith("flexolmo_jax.")
+    except ValueError:
+      ours = False
+    if ours:
+      atomic.require_sealed(root, DataError, "dataset")
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,7 +64,7 @@ def _open(path: str, mtime: float):
 def open_builder(dataset: str):
   """``tfds.builder_from_directory`` for a resolved dataset directory (cached)."""
   path = resolve_dataset_dir(dataset)
-  return _open(path, os.path.getmtime(os.path.join(path, _INFO)))
+  return _open(path, (epath.Path(path) / _INFO).stat().mtime)
 
 
 def split_fingerprint(builder, split: str) -> str:
@@ -54,8 +73,8 @@ def split_fingerprint(builder, split: str) -> str:
   if recorded:
     return recorded
   # A TFDS dataset prepared by other tools: key on its info (names, shard lengths, sizes).
-  with open(os.path.join(str(builder.data_dir), _INFO), "rb") as fh:
-    return hashlib.sha256(fh.read() + split.encode()).hexdigest()
+  info = (epath.Path(os.fspath(builder.data_dir)) / _INFO).read_bytes()
+  return hashlib.sha256(info + split.encode()).hexdigest()
 
 
 def dataset_stats(dataset: str) -> dict[str, Any]:

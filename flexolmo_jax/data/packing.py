@@ -9,8 +9,11 @@ Rows span document boundaries (OLMo-style packing, no cross-document attention m
 
 The cache lives next to the dataset (DATASET_DIR/packed/SPLIT-L{seq_len}-{key}/) and the key
 hashes the tokenizer JSON, seq_len and the split's content digest, so a different tokenizer or a
-re-prepared dataset never reuses stale rows. It is written to a temporary directory and renamed,
-so concurrent builders (one per JAX process) are safe: the first rename wins, the rest discard.
+re-prepared dataset never reuses stale rows. It is written to a temporary directory, moved into
+place and sealed (storage.atomic.shared_cache_directory), so concurrent builders (one per JAX
+process) are safe: the first move wins, the rest discard; an unsealed cache is never read.
+Any epath location works (gs://...): array_record's writer needs a local file, so each row
+shard is written locally and copied (storage.paths.local_file); its reader opens gs:// itself.
 
 Packing is a map over the dataset's shards (in process or on Beam, see beam_map.py), in two
 passes: each shard tokenises its documents into a flat token file and reports its length; the
@@ -20,6 +23,7 @@ exactly those of pack_token_documents over the whole split, whatever the runner 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,7 +39,7 @@ from etils import epath
 from flexolmo_jax.data import beam_map, catalog
 from flexolmo_jax.data.errors import DataError
 from flexolmo_jax.data.tokenizer import load_tokenizer, tokenizer_info
-from flexolmo_jax.storage import atomic
+from flexolmo_jax.storage import atomic, paths
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ class PackedSplit:
 
   @property
   def row_files(self) -> list[str]:
-    return [os.path.join(self.directory, name) for name, _ in self.shards]
+    return [os.fspath(epath.Path(self.directory) / name) for name, _ in self.shards]
 
 
 def _cache_key(content: str, tok_sha: str, seq_len: int, split: str) -> str:
@@ -107,8 +111,7 @@ def _cache_key(content: str, tok_sha: str, seq_len: int, split: str) -> str:
 
 
 def _load_meta(directory: str) -> PackedSplit:
-  with open(os.path.join(directory, META_FILE)) as fh:
-    meta = json.load(fh)
+  meta = json.loads((epath.Path(directory) / META_FILE).read_text())
   fields = {f.name for f in dataclasses.fields(PackedSplit)} - {"directory", "shards"}
   return PackedSplit(directory=directory, **{k: meta[k] for k in fields},
                      shards=tuple((s["file"], s["rows"]) for s in meta["shards"]))
@@ -134,9 +137,9 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
   tok = tokenizer_info(tokenizer_path)
   content = catalog.split_fingerprint(builder, split)
   key = _cache_key(content, tok.sha256, seq_len, split)
-  root = cache_dir or os.path.join(ds_dir, "packed")
-  final = os.path.join(root, f"{split}-L{seq_len}-{key}")
-  if os.path.exists(os.path.join(final, META_FILE)):
+  root = paths.as_path(cache_dir or epath.Path(ds_dir) / "packed")
+  final = os.fspath(root / f"{split}-L{seq_len}-{key}")
+  if atomic.is_sealed(final):
     return _load_meta(final)
   info = builder.info.splits[split]
   # The loaders get here only when no one packed offline (prepare_data --tokenizer): say so,
@@ -162,7 +165,7 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
       jobs, plan = _plan_rows(counted, seq_len, tok.pad_id, tmp)
       written = executor.map(write_rows_unit, jobs, work and work / "rows")
       tokens_dir.rmtree()
-    shards = [{"file": os.path.basename(j["out"]), "rows": w["rows"]}
+    shards = [{"file": epath.Path(j["out"]).name, "rows": w["rows"]}
               for j, w in zip(jobs, written)]
     meta = {"format": PACK_FORMAT, "dataset": builder.info.name, "split": split,
             "seq_len": seq_len,
@@ -174,8 +177,7 @@ def packed_split(dataset: str, split: str, tokenizer_path: str, seq_len: int,
     if sum(s["rows"] for s in shards) != plan["rows"] or meta["num_tokens"] != plan["tokens"]:
       raise DataError(f"packed rows disagree with the token counts ({shards}, {plan})",
                       location=ds_dir)
-    with open(os.path.join(tmp, META_FILE), "w") as fh:
-      json.dump(meta, fh, indent=1)
+    (epath.Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=1))
   log.info("packed %s/%s: %d rows, %d tokens in %d shards (%s)", ds_dir, split, plan["rows"],
            plan["tokens"], len(shards), executor.name)
   return _load_meta(final)
@@ -191,8 +193,8 @@ def tokenize_unit(unit: dict[str, Any], *, tokenizer_path: str, seq_len: int, eo
   n_tokens = 0
   head: list[np.ndarray] = []  # the first seq_len tokens: the previous shard's last row ends here
   n_head = 0
-  path = os.path.join(tokens_dir, f"{unit['index']:06d}.int32")
-  with open(path, "wb") as fh:
+  path = os.fspath(epath.Path(tokens_dir) / f"{unit['index']:06d}.int32")
+  with epath.Path(path).open("wb") as fh:
     def put(ids: np.ndarray) -> None:
       nonlocal n_tokens, n_head
       fh.write(ids.tobytes())
@@ -242,7 +244,7 @@ def _plan_rows(counted: list[dict], seq_len: int, pad_id: int,
     jobs.append({"tokens": counted[u]["path"], "begin": spans[u][0], "first_row": spans[u][1],
                  "end_row": spans[u][2], "tail": tail[:seq_len], "seq_len": seq_len,
                  "full_rows": n_full, "pad_id": pad_id,
-                 "out": os.path.join(out_dir, _ROWS_TEMPLATE.format(shard, len(owners)))})
+                 "out": os.fspath(epath.Path(out_dir) / _ROWS_TEMPLATE.format(shard, len(owners)))})
   return jobs, plan
 
 
@@ -254,15 +256,17 @@ def write_rows_unit(job: dict[str, Any]) -> dict[str, Any]:
   tail = np.asarray(job["tail"], np.int32)
   # group_size:1 makes every row independently readable: random access is what the
   # shuffled loader does.
-  writer = ArrayRecordWriter(job["out"], "group_size:1")
+  local = contextlib.ExitStack()  # array_record writes local files: copied to job["out"] at the end
+  writer = ArrayRecordWriter(local.enter_context(paths.local_file(job["out"], ".array_record")),
+                             "group_size:1")
   n_rows = n_tokens = 0
-  with open(job["tokens"], "rb") as fh:
+  with epath.Path(job["tokens"]).open("rb") as fh:
     for r0 in range(job["first_row"], job["end_row"], _ROWS_PER_READ):
       r1 = min(r0 + _ROWS_PER_READ, job["end_row"])
       lo = r0 * seq_len - begin  # block = local positions [lo, hi)
       hi = (r1 - 1) * seq_len + seq_len + 1 - begin
       fh.seek(lo * 4)
-      block = np.fromfile(fh, np.int32, count=hi - lo)
+      block = np.frombuffer(fh.read((hi - lo) * 4), np.int32)
       if len(block) < hi - lo:  # the last rows run into the following shards
         block = np.concatenate([block, tail[: hi - lo - len(block)]])
       for r in range(r0, r1):
@@ -274,6 +278,7 @@ def write_rows_unit(job: dict[str, Any]) -> dict[str, Any]:
         n_rows += 1
         n_tokens += n_valid
   writer.close()
+  local.close()
   return {"rows": n_rows, "tokens": n_tokens}
 
 

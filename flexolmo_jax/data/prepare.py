@@ -9,8 +9,10 @@ stays flat whatever the corpus size and the two executors write identical datase
      exists; the driver combines the counts and applies the skip rules.
   2. write: each unit re-reads its files and writes its train and validation shards. Its record
      counts must match the scan, which catches files that changed underneath us.
-The dataset is built in a hidden staging directory and renamed into place only when complete;
-a killed run leaves only that ``.VERSION.partial`` directory, which the next run removes.
+The dataset is built in a hidden staging directory and moved into place and sealed only when
+complete (storage.atomic); a killed run leaves only that ``.VERSION.partial`` directory, which
+the next run removes. Inputs and output may be any epath location (gs://...); the shards are
+written locally and copied there (tfds_builder.ShardWriter: array_record writes local files).
 
 Split rule: a document goes to validation iff sha256(text) maps below ``validation_fraction``.
 It depends only on the text, not on file names or order, so identical copies of a document can
@@ -30,6 +32,8 @@ from etils import epath
 
 from flexolmo_jax.data import beam_map, readers, tfds_builder
 from flexolmo_jax.storage import atomic
+from flexolmo_jax.storage import paths
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ def plan_units(files: Sequence[readers.InputFile],
   unit of its own). A pure function of the file list and sizes, so both executors agree."""
   units, current, size = [], [], 0
   for f in files:
-    n = os.path.getsize(f.path)
+    n = paths.size(f.path)
     if current and size + n > shard_input_bytes:
       units.append(tuple(current))
       current, size = [], 0
@@ -86,7 +90,7 @@ def scan_unit(files: Sequence[readers.InputFile], *, text_field: str, fraction: 
         best = [u, ordinal]
       ordinal += 1
       n_file += 1
-    per_file.append({"path": f.path, "bytes_on_disk": os.path.getsize(f.path),
+    per_file.append({"path": f.path, "bytes_on_disk": paths.size(f.path),
                      "documents": n_file, "skipped": skips.total - skipped_before})
     log.info("scanned %s: %d documents, %d skipped", f.path, n_file,
              skips.total - skipped_before)
@@ -146,18 +150,18 @@ def prepare_dataset(name: str, inputs: Sequence[str], out_dir: str, *, text_fiel
   ``runner``/``num_workers``/``beam_options``: where the units run (beam_map.make_runner);
   every runner writes the same dataset.
   """
-  base = os.path.abspath(relative_to) if relative_to else None
+  base = os.fspath(as_path(relative_to)) if relative_to else None
   show = functools.partial(_show, base)
   if not _NAME_RE.match(name):
     raise DataError(f"dataset name {name!r} must match {_NAME_RE.pattern} (tfds naming)")
   if not 0.0 <= validation_fraction < 1.0:
     raise DataError(f"validation fraction must be in [0, 1), got {validation_fraction}")
   files = readers.resolve_inputs(inputs)
-  target = os.path.join(os.path.abspath(out_dir), name, tfds_builder.VERSION)
+  target = os.fspath(as_path(out_dir) / name / tfds_builder.VERSION)
   atomic.check_target(target, overwrite, DataError)  # fail now, not after hours of work
   units = plan_units(files, shard_input_bytes)
   executor = beam_map.make_runner(runner, num_workers, beam_options,
-                                  input_bytes=sum(os.path.getsize(f.path) for f in files))
+                                  input_bytes=sum(paths.size(f.path) for f in files))
   options = {"text_field": text_field, "fraction": validation_fraction, "strict": strict}
 
   with executor.scratch(out_dir) as work:

@@ -18,7 +18,10 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 
+from etils import epath
+
 from flexolmo_jax.data.errors import DataError
+from flexolmo_jax.storage.paths import as_path, size
 
 _LINE_FORMATS = (".jsonl", ".ndjson", ".txt")
 _COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
@@ -66,9 +69,9 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
   seen: set[str] = set()
   files: list[InputFile] = []
   for spec in specs:
-    spec = os.path.expanduser(spec)
+    spec = os.fspath(as_path(spec))  # any epath location: local, gs://...
     if glob.has_magic(spec):
-      paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+      paths = sorted(os.fspath(p) for p in _glob(spec) if p.is_file())
       if not paths:
         raise DataError("pattern matched no files", location=spec)
       found = [classify(p) for p in paths]
@@ -77,16 +80,14 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
         raise DataError(
             f"pattern matched no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
             location=spec)
-    elif not os.path.exists(spec):
+    elif not epath.Path(spec).exists():
       raise DataError("no such file or directory", location=spec)
-    elif os.path.isdir(spec):
+    elif epath.Path(spec).is_dir():
       found = []
-      for dirpath, dirnames, filenames in os.walk(spec):
-        dirnames.sort()  # deterministic walk order
-        for fn in sorted(filenames):
-          f = classify(os.path.join(dirpath, fn))
-          if f is not None:
-            found.append(f)
+      for path in _walk_files(epath.Path(spec)):
+        f = classify(os.fspath(path))
+        if f is not None:
+          found.append(f)
       if not found:
         raise DataError(
             f"directory contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})",
@@ -99,13 +100,33 @@ def resolve_inputs(specs: Sequence[str]) -> list[InputFile]:
             location=spec)
       found = [f]
     for f in found:
-      key = os.path.realpath(f.path)
-      if key not in seen:  # the same file named twice must not be read twice
+      key = f.path  # absolute (as_path): the same file named twice must not be read twice
+      if key not in seen:
         seen.add(key)
-        if not os.access(f.path, os.R_OK):
-          raise DataError("file is not readable", location=f.path)
+        try:
+          epath.Path(f.path).open("rb").close()
+        except OSError as e:
+          raise DataError(f"file is not readable ({e})", location=f.path) from e
         files.append(f)
   return files
+
+
+def _walk_files(directory: epath.Path) -> Iterator[epath.Path]:
+  """Files below `directory`, in os.walk's top-down order with sorted names (deterministic).
+  Not epath's walk(): on gs:// it yields bucket-relative directory names."""
+  entries = sorted(directory.iterdir(), key=lambda p: p.name)
+  subdirs = [e for e in entries if e.is_dir()]
+  yield from (e for e in entries if e not in subdirs)
+  for sub in subdirs:
+    yield from _walk_files(sub)
+
+
+def _glob(spec: str) -> list[epath.Path]:
+  """epath globs relative to a directory: split the spec at its first wildcard component."""
+  parts = spec.split("/")
+  first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+  base = epath.Path("/".join(parts[:first]) or "/")
+  return list(base.glob("/".join(parts[first:])))
 
 
 class SkipLog:
@@ -145,7 +166,7 @@ def _iter_zst_chunks(path: str) -> Iterator[bytes]:
                     location=path) from e
   dobj = zstandard.ZstdDecompressor().decompressobj()
   in_frame = False
-  with open(path, "rb") as fh:
+  with epath.Path(path).open("rb") as fh:
     while raw := fh.read(_CHUNK):
       while raw:
         in_frame = True
@@ -170,11 +191,11 @@ def _iter_chunks(f: InputFile) -> Iterator[bytes]:
     yield from _iter_zst_chunks(f.path)
     return
   if f.compression is None:
-    with open(f.path, "rb") as fh:
+    with epath.Path(f.path).open("rb") as fh:
       while chunk := fh.read(_CHUNK):
         yield chunk
     return
-  with gzip.open(f.path, "rb") as fh:
+  with epath.Path(f.path).open("rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
     while True:
       try:
         chunk = fh.read(_CHUNK)
@@ -277,7 +298,7 @@ def _read_parquet(f: InputFile, text_field: str, log: SkipLog) -> Iterator[Docum
   import pyarrow.parquet as pq
 
   try:
-    pf = pq.ParquetFile(f.path)
+    pf = pq.ParquetFile(epath.Path(f.path).open("rb"))  # a file object: any epath location
   except (pa.ArrowException, OSError) as e:
     raise DataError(f"not a readable parquet file ({e})", location=f.path) from e
   schema = pf.schema_arrow
@@ -312,7 +333,7 @@ def iter_documents(files: Iterable[InputFile], text_field: str,
                    log: SkipLog) -> Iterator[Document]:
   """All documents of ``files`` in order; skips go to ``log``; fatal problems raise."""
   for f in files:
-    if os.path.getsize(f.path) == 0:
+    if size(f.path) == 0:
       log.skip("empty_file", f.path)
       continue
     if f.kind == "jsonl":

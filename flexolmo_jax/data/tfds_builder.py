@@ -19,6 +19,8 @@ from typing import Any
 
 from etils import epath
 
+from flexolmo_jax.storage import paths
+
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
@@ -53,6 +55,8 @@ class ShardWriter:
   Written with the options TFDS's ArrayRecordFileAdapter uses (group_size:1: every record is
   randomly accessible), but record by record, so that one pass over a unit's inputs can fill
   its train and validation shards together without holding either in memory.
+  array_record's writer takes local file names only (its reader opens gs:// itself), so the
+  shard is written to a local temporary file and copied to `path` (any epath) on close.
   """
 
   def __init__(self, path: str):
@@ -61,7 +65,9 @@ class ShardWriter:
     self.path = path
     self.num_examples = 0
     self.num_bytes = 0  # serialised size: what tfds records as the split's num_bytes
-    self._records = ArrayRecordWriter(path, "group_size:1")
+    self._local = contextlib.ExitStack()
+    local = self._local.enter_context(paths.local_file(path, suffix=".array_record"))
+    self._records = ArrayRecordWriter(local, "group_size:1")
 
   def add(self, example: Mapping[str, str]) -> None:
     data = features().serialize_example(example)
@@ -71,6 +77,7 @@ class ShardWriter:
 
   def close(self) -> None:
     self._records.close()
+    self._local.close()  # copies the shard to its destination
 
 
 def write_dataset_info(dataset_dir, name: str, splits: Mapping[str, dict[str, Any]],

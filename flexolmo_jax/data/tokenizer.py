@@ -8,13 +8,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
+
 from collections.abc import Iterable
 
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from flexolmo_jax.data.errors import DataError
+from flexolmo_jax.storage.paths import as_path
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -42,7 +44,7 @@ def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 def _load(path: str, mtime: float) -> tokenizers.Tokenizer:
   del mtime  # part of the cache key only, so an overwritten file is re-read
   try:
-    tok = tokenizers.Tokenizer.from_file(path)
+    tok = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())  # any epath location
   except Exception as e:  # tokenizers raises bare Exception subclasses
     raise DataError(f"not a HuggingFace tokenizer.json ({e})", location=path) from e
   # Text that happens to contain "<|endoftext|>" must stay text: otherwise a document could
@@ -53,10 +55,10 @@ def _load(path: str, mtime: float) -> tokenizers.Tokenizer:
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   """The tokenizer at ``path`` (cached; do not mutate the returned object)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(path):
-    raise DataError("tokenizer file not found", location=path)
-  return _load(path, os.path.getmtime(path))
+  p = as_path(path)
+  if not p.is_file():
+    raise DataError("tokenizer file not found", location=str(p))
+  return _load(str(p), p.stat().mtime)
 
 
 def _find(tok: tokenizers.Tokenizer, names: Iterable[str]) -> int | None:
@@ -76,7 +78,7 @@ def tokenizer_info(path: str) -> TokenizerInfo:
   pad = _find(tok, _PAD_CANDIDATES)
   vocab = tok.get_vocab_size(with_added_tokens=True)
   return TokenizerInfo(
-      path=os.path.abspath(path), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
+      path=str(as_path(path)), vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab),
       eos_id=eos, pad_id=eos if pad is None else pad,
       sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
 

@@ -26,8 +26,10 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 
 from flexolmo_jax.data import DataError
+from flexolmo_jax.storage.paths import as_path
 
 
 @dataclasses.dataclass
@@ -47,14 +49,14 @@ class Task:
 
 
 def load_task(path: str, tokenizer=None, eos_id: int = 0, vocab_size: int | None = None) -> Task:
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(path):
+  path = os.fspath(as_path(path))  # any epath location: local, gs://...
+  if not epath.Path(path).is_file():
     raise DataError("task file not found", location=path)
-  name = os.path.basename(path)
+  name = epath.Path(path).name
   for suffix in (".jsonl", ".json"):
     name = name[:-len(suffix)] if name.endswith(suffix) else name
   examples = []
-  with open(path) as f:
+  with epath.Path(path).open("r") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -14,6 +14,7 @@ import numpy as np
 
 from flexolmo_jax.data import DataError, make_eval_loader, resolve_dataset_dir
 from flexolmo_jax.evaluate import steps
+from flexolmo_jax.storage.paths import as_path
 
 
 def discover_domains(spec: str) -> dict[str, str]:
@@ -28,24 +29,24 @@ def discover_domains(spec: str) -> dict[str, str]:
         raise DataError(f"bad --data entry {item!r}; expected name=path")
       out[name.strip()] = resolve_dataset_dir(path.strip())
     return out
-  root = os.path.abspath(os.path.expanduser(spec))
-  if not os.path.isdir(root):
-    raise DataError("no such data directory", location=root)
+  root = as_path(spec)  # any epath location: local, gs://...
+  if not root.is_dir():
+    raise DataError("no such data directory", location=str(root))
   try:
-    return {os.path.basename(root.rstrip("/")): resolve_dataset_dir(root)}
+    return {root.name: resolve_dataset_dir(os.fspath(root))}
   except DataError:
     pass
   out = {}
-  for name in sorted(os.listdir(root)):
-    sub = os.path.join(root, name)
-    if name.startswith(".") or not os.path.isdir(sub):
+  for sub in sorted(root.iterdir(), key=lambda p: p.name):
+    name = sub.name
+    if name.startswith(".") or not sub.is_dir():
       continue
     try:
-      out[name] = resolve_dataset_dir(sub)
+      out[name] = resolve_dataset_dir(os.fspath(sub))
     except DataError:
       continue
   if not out:
-    raise DataError("no prepared datasets found", location=root)
+    raise DataError("no prepared datasets found", location=str(root))
   return out
 
 
@@ -53,8 +54,8 @@ def default_tokenizer(spec: str) -> str | None:
   """DATA/tokenizer.json when --data is a directory that has one (FlexMix-mini layout)."""
   if "=" in spec:
     return None
-  path = os.path.join(os.path.abspath(os.path.expanduser(spec.strip())), "tokenizer.json")
-  return path if os.path.isfile(path) else None
+  path = as_path(spec.strip()) / "tokenizer.json"
+  return os.fspath(path) if path.is_file() else None
 
 
 def evaluate_domains(step, params, cfg, domains: dict[str, str], tokenizer: str, seq_len: int,

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from flexolmo_jax.storage.atomic import write_text_atomic
+from flexolmo_jax.storage.paths import as_path
 
 
 def table(results: dict) -> str:
@@ -106,8 +107,7 @@ def routing_heatmap(results: dict, row_name: str, path) -> bool:
 
 
 def write_all(results: dict, out_dir) -> dict[str, str]:
-  import pathlib
-  out = pathlib.Path(out_dir)
+  out = as_path(out_dir)  # any epath location: local, gs://...
   files = {"json": out / "results.json", "markdown": out / "results.md"}
   write_text_atomic(files["json"], json.dumps(results, indent=1) + "\n")
   write_text_atomic(files["markdown"], markdown(results) + "\n")

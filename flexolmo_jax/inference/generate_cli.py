@@ -21,6 +21,7 @@ import json
 import os
 
 from absl import flags
+from etils import epath
 
 from flexolmo_jax import cli
 from flexolmo_jax.inference.generate import Sampling, generate, inference_dispatch
@@ -50,7 +51,7 @@ flags.mark_flag_as_required("ckpt", flag_values=FLAGS)
 def _read_prompts() -> list[dict]:
   items = [{"prompt": p} for p in _PROMPT.value or []]
   if _PROMPTS_FILE.value:
-    with open(_PROMPTS_FILE.value) as f:
+    with epath.Path(_PROMPTS_FILE.value).expanduser().open("r") as f:  # local or gs://
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -81,8 +82,8 @@ def _main(argv) -> int:
   from flexolmo_jax.model.expert_mask import UnknownExpertError
   from flexolmo_jax.storage.model_io import read_config
   path = resolve_model_dir(_CKPT.value)
-  tok_path = _TOKENIZER.value or os.path.join(path, "tokenizer.json")
-  if not os.path.isfile(tok_path):
+  tok_path = _TOKENIZER.value or os.fspath(path / "tokenizer.json")
+  if not epath.Path(tok_path).expanduser().is_file():
     raise ValueError(f"no tokenizer: pass --tokenizer (looked for {tok_path})")
   tokenizer, info = load_tokenizer(tok_path), tokenizer_info(tok_path)
   items = _read_prompts()

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
+
 from typing import Sequence
 
 import numpy as np
+
+from flexolmo_jax.storage.paths import as_path
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,7 +75,7 @@ class Model:
   def __init__(self, path, cfg, params, exclude: Sequence[str], meta, manifest, mesh=None,
                rules=None):
     from flexolmo_jax.model.expert_mask import expert_mask
-    self.path = pathlib.Path(path)
+    self.path = as_path(path)
     self.config = cfg
     self.params = params
     self.meta = meta

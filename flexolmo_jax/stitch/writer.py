@@ -5,7 +5,7 @@ CHUNK_BYTES of rows). For each chunk a resolver names where its value comes from
 other tensors must be bit-identical to it; workers read, compare and write, and the main thread
 hashes the pieces in order. At most `workers + 1` chunks are in flight, so host memory is a few
 chunks whatever the number of experts or layers. Everything is written into `.OUT.partial` and
-renamed at the end: a refusal or a crash never leaves an output that looks finished.
+moved into place and sealed at the end (storage.atomic): a refusal or a crash never leaves an output that looks finished.
 The params are a genuine orbax checkpoint: orbax runs the save, the stream fills its arrays.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.expert_mask import UnknownExpertError
 from flexolmo_jax.model.params import abstract_params
 from flexolmo_jax.storage.atomic import staged_directory
+from flexolmo_jax.storage.paths import copy_tree
 from flexolmo_jax.storage.param_store import (EXPERT_LEAVES, ParamReader, ParamWriter, chunk_grid,
                                               describe_index, lead_axes, leaf_name, ordered_map,
                                               tree_leaves)
@@ -234,7 +234,7 @@ def _copy_tokenizer(sources: Sequence[Source], dest) -> None:
   for s in sources:
     tok = s.model_dir / model_io.TOKENIZER_DIR
     if tok.is_dir():
-      shutil.copytree(tok, dest / model_io.TOKENIZER_DIR)
+      copy_tree(tok, dest / model_io.TOKENIZER_DIR)
       return
 
 

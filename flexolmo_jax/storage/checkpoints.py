@@ -3,26 +3,29 @@
 A checkpoint holds the *trainable* state (params, optimizer state, step) plus JSON metadata
 (what the frozen part was built from, the data fingerprint). Frozen weights are rebuilt
 from their source at start-up, bit for bit, so they are never written again: frozen is free.
-Orbax only lists finalised steps, so a save killed half-way is never resumed from. A finalised
+Orbax only lists finalised steps, so a save killed half-way is never resumed from (on an object
+store orbax marks a finalised step with its own commit file: the workdir may be gs://...). A finalised
 step that later fails to restore (a truncated or corrupt file) is moved to checkpoints/damaged/
 (orbax lists only step-numbered folders) and the next older step is used: see `restore_latest`.
 """
 from __future__ import annotations
 
 import logging
-import pathlib
 import signal
 import threading
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from flexolmo_jax.storage.paths import as_path
 
 
 def make_manager(workdir, every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=max(int(every), 1),
       enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+  return ocp.CheckpointManager(as_path(workdir) / "checkpoints", options=options,
                                item_names=("state", "meta"))
 
 
@@ -57,14 +60,14 @@ def _short_error(e: Exception, n: int = 400) -> str:
   return f"{type(root).__name__}: {text[:n]}"
 
 
-def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path | None:
+def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path | None:
   """Move checkpoints/<step> to checkpoints/damaged/<step>-<n> (kept for inspection, never
   deleted) and make `manager` forget it. Only the primary process renames (shared storage)."""
-  root = pathlib.Path(manager.directory)
+  root = as_path(manager.directory)
   src = root / str(step)
   dest = None
   if jax.process_index() == 0 and src.exists():
-    (root / DAMAGED_DIR).mkdir(exist_ok=True)
+    (root / DAMAGED_DIR).mkdir(parents=True, exist_ok=True)
     n = 1
     while (root / DAMAGED_DIR / f"{step}-{n}").exists():
       n += 1

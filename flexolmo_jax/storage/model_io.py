@@ -7,7 +7,9 @@
       manifest.json      (stitched models) expert slots, sources, sha256 of every tensor/slot
       tokenizer/         (optional) tokenizer files, carried from an HF import to exports
 
-Built in `.DIR.partial` and renamed (storage.atomic), so a directory that exists is complete.
+Built in `.DIR.partial`, moved into place and sealed last (storage.atomic): a directory without
+the seal is incomplete (a killed copy onto an object store) and every reader here refuses it.
+DIR may be any etils.epath path (local or gs://); orbax and tensorstore are given that path.
 DIR/params is an orbax checkpoint however the directory was made: training exports save
 jax.Arrays with orbax's ArrayHandler, the stitcher and the converters stream numpy leaves
 through orbax (param_store.ParamWriter); both restore with plain orbax calls.
@@ -15,13 +17,15 @@ through orbax (param_store.ParamWriter); both restore with plain orbax calls.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from etils import epath
+
 from flexolmo_jax.storage import atomic, param_store
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.model.config import ModelConfig
 from flexolmo_jax.model.params import abstract_params
 
@@ -36,29 +40,42 @@ class ModelDirError(ValueError):
   pass
 
 
-def is_model_dir(path) -> bool:
-  p = pathlib.Path(path)
+def looks_like_model_dir(path) -> bool:
+  """Has the files of a model directory (complete or not: see `is_model_dir`)."""
+  p = as_path(path)
   return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
 
 
-def read_config(path) -> ModelConfig:
-  p = pathlib.Path(path)
+def is_model_dir(path) -> bool:
+  """A finished model directory: its files and the seal its writer adds last."""
+  return looks_like_model_dir(path) and atomic.is_sealed(path)
+
+
+def require_complete(path) -> epath.Path:
+  """`path` if it is a finished model directory, else a ModelDirError naming what is wrong."""
+  p = as_path(path)
   if not (p / CONFIG_FILE).is_file():
     raise ModelDirError(f"{p} is not a model directory (no {CONFIG_FILE})")
+  atomic.require_sealed(p, ModelDirError, "model directory")
+  return p
+
+
+def read_config(path) -> ModelConfig:
+  p = require_complete(path)
   d = json.loads((p / CONFIG_FILE).read_text())
   d["expert_names"] = tuple(d.get("expert_names") or ())
   return ModelConfig.from_dict(d)
 
 
 def read_meta(path) -> dict[str, Any]:
-  f = pathlib.Path(path) / META_FILE
+  f = as_path(path) / META_FILE
   return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> pathlib.Path:
+                   overwrite: bool = False) -> epath.Path:
   """Write params + config + meta atomically (all processes call this in multi-host runs)."""
-  out = pathlib.Path(path).absolute()
+  out = as_path(path)
   primary = jax.process_index() == 0
   with atomic.staged_directory(out, overwrite, error=ModelDirError, primary=primary) as tmp:
     ckptr = ocp.PyTreeCheckpointer()
@@ -73,7 +90,7 @@ def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None =
 
 def load_params(path, cfg: ModelConfig | None = None, shardings=None):
   """Restore the params of a model directory (optionally straight into `shardings`)."""
-  p = pathlib.Path(path).absolute()
+  p = as_path(path)
   saved = read_config(p)
   if cfg is not None and _arch(saved) != _arch(cfg):
     raise ModelDirError(f"{p}: model config does not match: saved {_arch(saved)}, "

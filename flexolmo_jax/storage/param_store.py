@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import math
-import pathlib
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,6 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+
+from flexolmo_jax.storage.paths import as_path, files_under, kvstore_url
 
 PARAMS_DIR = "params"  # same as model_io.PARAMS_DIR (kept here to avoid importing model_io)
 CHUNK_BYTES = 64 << 20  # upper bound of one stored chunk / one streamed piece
@@ -131,8 +132,8 @@ def layer_chunking(cfg, tree):
 
 # --- reading ---------------------------------------------------------------------------------
 
-def _params_root(model_dir) -> pathlib.Path:
-  return pathlib.Path(model_dir).absolute() / PARAMS_DIR
+def _params_root(model_dir) -> epath.Path:
+  return as_path(model_dir) / PARAMS_DIR
 
 
 class ParamReader:
@@ -146,7 +147,7 @@ class ParamReader:
 
   def __init__(self, model_dir, label: str | None = None, moe: bool = False):
     self.moe = moe  # experts stacked on axis 1 of the mlp tensors (sets the streamed piece)
-    self.model_dir = pathlib.Path(model_dir).absolute()
+    self.model_dir = as_path(model_dir)
     self.label = label or str(self.model_dir)
     self.root = _params_root(model_dir)
     meta_file = self.root / _METADATA
@@ -169,10 +170,10 @@ class ParamReader:
   def _spec(self, path: Path) -> dict[str, Any]:
     name = leaf_name(path)
     if self.use_ocdbt:
-      kv = {"driver": "ocdbt", "base": {"driver": "file", "path": str(self.root) + "/"},
-            "path": name}
+      # kvstores as URLs (file:///... or gs://...): tensorstore picks the driver
+      kv = {"driver": "ocdbt", "base": kvstore_url(self.root), "path": name}
     else:
-      kv = {"driver": "file", "path": str(self.root / name) + "/"}
+      kv = kvstore_url(self.root / name)
     return {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv,
             "recheck_cached_data": False, "recheck_cached_metadata": False}
 
@@ -226,7 +227,7 @@ class ParamReader:
 
   def _kv(self) -> ts.KvStore:
     if self._kvstore is None:
-      base = {"driver": "file", "path": str(self.root) + "/"}
+      base = kvstore_url(self.root)
       self._kvstore = ts.KvStore.open(
           {"driver": "ocdbt", "base": base} if self.use_ocdbt else base).result()
     return self._kvstore
@@ -269,7 +270,7 @@ def content_digest(model_dir, moe: bool = False) -> dict[str, str]:
   each tensor is read in its streamed pieces (`chunk_shape`: a function of the shape alone, so
   re-saving the same values with other chunks gives the same digest), pieces in C order.
   """
-  root = pathlib.Path(model_dir).absolute()
+  root = as_path(model_dir)
   manifest = root / "manifest.json"
   if manifest.is_file():
     man = json.loads(manifest.read_text())
@@ -364,7 +365,7 @@ class ParamWriter:
 
   def __init__(self, params_dir, leaves: dict[Path, tuple[tuple[int, ...], Any]], moe: bool,
                chunk_bytes: int = CHUNK_BYTES):
-    self.root = pathlib.Path(params_dir).absolute()
+    self.root = as_path(params_dir)
     self.leaves = {tuple(p): (tuple(int(s) for s in shape), np.dtype(dt))
                    for p, (shape, dt) in leaves.items()}
     self.moe = moe
@@ -448,7 +449,7 @@ def tree_leaves(abstract_tree) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
 
 def params_nbytes(model_dir) -> int:
   root = _params_root(model_dir)
-  return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+  return sum(f.stat().length for f in files_under(root))
 
 
 def tune_malloc() -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from typing import Any
 
+from etils import epath
+
 from flexolmo_jax.storage import model_io
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.model.config import ModelConfig
 
 
@@ -25,8 +27,8 @@ class SourceError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Source:
   name: str  # how messages and the manifest refer to it (expert name or "public")
-  given: pathlib.Path  # what the user passed
-  model_dir: pathlib.Path  # where the params are
+  given: epath.Path  # what the user passed
+  model_dir: epath.Path  # where the params are
   cfg: ModelConfig
   meta: dict[str, Any]
   kind: str  # "model_dir" | "workdir"
@@ -46,7 +48,7 @@ class Source:
             "step": self.step, "stage": self.meta.get("stage")}
 
 
-def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+def _checkpoint_steps(workdir: epath.Path) -> list[int]:
   d = workdir / "checkpoints"
   if not d.is_dir():
     return []
@@ -54,13 +56,14 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def resolve(path, name: str = "model") -> Source:
-  given = pathlib.Path(path).expanduser()
-  p = given.absolute()
+  given = epath.Path(path).expanduser()
+  p = as_path(given)
   if not p.exists():
     raise SourceError(f"{name}: {given} does not exist")
-  if model_io.is_model_dir(p):
+  # Unsealed directories are taken here and refused by read_config, naming them as incomplete.
+  if model_io.looks_like_model_dir(p):
     model_dir, kind = p, "model_dir"
-  elif model_io.is_model_dir(p / "export"):
+  elif model_io.looks_like_model_dir(p / "export"):
     model_dir, kind = p / "export", "workdir"
   elif (p / "checkpoints").is_dir():
     steps = _checkpoint_steps(p)
@@ -87,7 +90,7 @@ def resolve(path, name: str = "model") -> Source:
   return Source(name=name, given=given, model_dir=model_dir, cfg=cfg, meta=meta, kind=kind)
 
 
-def resolve_model_dir(path) -> pathlib.Path:
+def resolve_model_dir(path) -> epath.Path:
   """A model directory, or a training workdir whose export/ is one (same rules and messages
   as the stitcher's sources)."""
   return resolve(path, "model").model_dir

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.storage import model_io
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.model import ModelConfig, init_params
 
 FFN_KEYS = ("gate_proj", "up_proj", "down_proj")
@@ -30,11 +30,12 @@ class InitError(ValueError):
 
 
 def load_embedding(path, d_model: int, what: str) -> np.ndarray:
-  p = pathlib.Path(path)
-  if not str(path) or not p.is_file():
+  p = as_path(path) if str(path) else None
+  if p is None or not p.is_file():
     raise InitError(f"{what} embedding file {str(path)!r} not found (make it with "
                     f"python -m flexolmo_jax.router_init)")
-  v = np.load(p)
+  with p.open("rb") as f:
+    v = np.load(f)
   if v.shape != (d_model,):
     raise InitError(f"{what} embedding {p} has shape {v.shape}, the model needs ({d_model},): "
                     f"use an embedder whose width equals d_model, or --embedder=self")

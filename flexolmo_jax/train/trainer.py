@@ -9,13 +9,13 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexolmo_jax import config_base
@@ -28,6 +28,7 @@ from flexolmo_jax.parallel import (activation_sharding, fit_spec, logical_shardi
                                    rules_from_config)
 from flexolmo_jax.storage import checkpoints as ckpt
 from flexolmo_jax.storage import param_store
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.train.init import fingerprint, frozen_source, initial_params
 from flexolmo_jax.train.metrics import MetricWriter
 from flexolmo_jax.train.optim import make_optimizer
@@ -65,8 +66,8 @@ def data_path(config, path) -> str:
   """Relative data paths resolve against config.data.root when the config has one."""
   root = config.data.get("root", "")
   path = str(path)
-  if root and not pathlib.Path(path).is_absolute():
-    return str(pathlib.Path(root) / path)
+  if root and not epath.Path(path).is_absolute():  # gs://... is absolute
+    return str(epath.Path(root) / path)
   return path
 
 
@@ -210,7 +211,7 @@ def train(config, workdir, devices=None) -> dict:
 
   devices: the devices of the mesh (default: all); tests pass a subset to compare layouts.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   setup = setup_training(config, devices=devices)
   cfg, mesh, rules, partition = setup.cfg, setup.mesh, setup.rules, setup.partition
