@@ -239,9 +239,14 @@ def test_legacy_single_chunk_checkpoints_stitch_identically(synth, tmp_path):
   path, p, cfg = synth["experts"]["math"]
   ocp.PyTreeCheckpointer().save(legacy / "params", p)
   shutil.copy(path / "model_config.json", legacy / "model_config.json")
-  with pytest.raises((StitchError, SourceError), match="incomplete model directory"):  # no seal
+  # Written by a sealing writer (its config says so) but no seal: an unfinished publish.
+  with pytest.raises((StitchError, SourceError), match="incomplete model directory"):
     stitch(synth["public"], [("math", legacy)], tmp_path / "a", progress=False)
-  (legacy / atomic.SEAL).write_text("")  # what a user does for a directory known complete
+  # A directory from before seals existed (no marker, no seal) is complete as it is.
+  c = json.loads((legacy / "model_config.json").read_text())
+  assert c.pop(model_io.SEALED_KEY) is True
+  (legacy / "model_config.json").write_text(json.dumps(c))
+  assert model_io.is_model_dir(legacy) and not atomic.is_sealed(legacy)
   a = stitch(synth["public"], [("math", legacy)], tmp_path / "a", progress=False)
   b = stitch(synth["public"], [("math", path)], tmp_path / "b", progress=False)
   ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))

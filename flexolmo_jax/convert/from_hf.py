@@ -167,6 +167,6 @@ def from_hf(hf_dir, out, *, param_dtype: str | None = None, dtype: str | None = 
     meta = {"stage": "imported", "from": str(hf_dir), "model_type": hf.get("model_type"),
             "architectures": hf.get("architectures"), "tokenizer_files": carried}
     (tmp / model_io.META_FILE).write_text(json.dumps(meta, indent=1))
-    (tmp / model_io.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    (tmp / model_io.CONFIG_FILE).write_text(model_io.config_json(cfg))
   logging.info("imported %s (%s) -> %s", hf_dir, hf.get("model_type"), out)
   return as_path(out)

@@ -242,7 +242,7 @@ def _finish_dir(tmp, cfg: ModelConfig, meta: dict, manifest: dict) -> None:
   (tmp / model_io.META_FILE).write_text(json.dumps(meta, indent=1, default=str))
   (tmp / model_io.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
   # Written last: a directory is a model directory only once its config exists.
-  (tmp / model_io.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+  (tmp / model_io.CONFIG_FILE).write_text(model_io.config_json(cfg))
 
 
 def _now() -> str:

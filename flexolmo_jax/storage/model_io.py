@@ -17,6 +17,7 @@ through orbax (param_store.ParamWriter); both restore with plain orbax calls.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -46,9 +47,29 @@ def looks_like_model_dir(path) -> bool:
   return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
 
 
+# Written into model_config.json by every writer since seals exist: such a directory without
+# its seal is an unfinished publish (e.g. a copy onto a bucket cut short). A directory without
+# the key predates seals; it was published by one local rename, so it is complete as it is.
+SEALED_KEY = "published_with_seal"
+
+
+def config_json(cfg: ModelConfig) -> str:
+  """model_config.json's text: the config's fields and the seal marker."""
+  return json.dumps(dict(cfg.to_dict(), **{SEALED_KEY: True}), indent=1)
+
+
+def _needs_seal(p: epath.Path) -> bool:
+  try:
+    return bool(json.loads((p / CONFIG_FILE).read_text()).get(SEALED_KEY))
+  except ValueError:
+    return True  # unreadable config: treat as unfinished
+
+
 def is_model_dir(path) -> bool:
-  """A finished model directory: its files and the seal its writer adds last."""
-  return looks_like_model_dir(path) and atomic.is_sealed(path)
+  """A finished model directory: its files and the seal its writer adds last (directories
+  written before seals existed have neither marker nor seal and are complete)."""
+  p = as_path(path)
+  return looks_like_model_dir(p) and (atomic.is_sealed(p) or not _needs_seal(p))
 
 
 def require_complete(path) -> epath.Path:
@@ -56,13 +77,17 @@ def require_complete(path) -> epath.Path:
   p = as_path(path)
   if not (p / CONFIG_FILE).is_file():
     raise ModelDirError(f"{p} is not a model directory (no {CONFIG_FILE})")
-  atomic.require_sealed(p, ModelDirError, "model directory")
+  if not atomic.is_sealed(p):
+    if _needs_seal(p):
+      atomic.require_sealed(p, ModelDirError, "model directory")
+    logging.info("%s has no seal: written before seals existed, accepted as complete", p)
   return p
 
 
 def read_config(path) -> ModelConfig:
   p = require_complete(path)
   d = json.loads((p / CONFIG_FILE).read_text())
+  d.pop(SEALED_KEY, None)
   d["expert_names"] = tuple(d.get("expert_names") or ())
   return ModelConfig.from_dict(d)
 
@@ -83,7 +108,7 @@ def save_model_dir(path, params, cfg: ModelConfig, meta: dict[str, Any] | None =
     ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(
         params, save_args=param_store.layer_chunking(cfg, params)))
     if primary:
-      (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+      (tmp / CONFIG_FILE).write_text(config_json(cfg))
       (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=1, default=str))
   return out
 
