@@ -57,12 +57,15 @@ def test_lifecycle_with_every_path_on_gcs(bucket, tmp_path, monkeypatch):
   summary = train(config, os.fspath(work / "public"))
   assert summary["step"] == 3 and model_io.is_model_dir(work / "public" / "export")
   assert (work / "public" / "metrics.jsonl").read_text().count("\n") == 1
+  from flexolmo_jax.data import router_init
   emb = {}
-  for name in ("public", "math"):
-    v = np.random.default_rng(len(name)).normal(size=config.model.d_model).astype(np.float32)
+  for name in ("public", "math"):  # each owner embeds its own data, straight onto the bucket
     emb[name] = root / "emb" / f"{name}.npy"
-    with emb[name].open("wb") as f:
-      np.save(f, v / np.linalg.norm(v))
+    assert router_init.main([f"--data={data / name}", f"--out={emb[name]}", "--embedder=self",
+                             f"--model={work / 'public' / 'export'}",
+                             f"--tokenizer={data / 'tokenizer.json'}", "--samples=8"]) == 0
+    with emb[name].open("rb") as f:
+      assert np.load(f).shape == (config.model.d_model,)
 
   config = tiny_stage_config("expert", data, "math", steps=2, log_every=2)
   config.init.public = os.fspath(work / "public" / "export")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 
 from absl import flags, logging
 import numpy as np
@@ -44,10 +43,9 @@ def _main(argv):
     width = model_io.read_config(_MODEL.value).d_model
   vec = domain_embedding(_DATA.value, _EMBEDDER.value, _SAMPLES.value, _SEED.value,
                          _MODEL.value, _TOKENIZER.value, width)  # errors: cli.run, exit 1
-  out = pathlib.Path(_OUT.value)
   buf = io.BytesIO()
   np.save(buf, vec)
-  write_text_atomic(out, buf.getvalue())
+  out = write_text_atomic(_OUT.value, buf.getvalue())  # any epath: local or gs://
   print(f"wrote {out}: width {vec.shape[0]}, norm {np.linalg.norm(vec):.4f}")
 
 
