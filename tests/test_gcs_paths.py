@@ -121,3 +121,15 @@ def test_unsealed_model_dir_on_gcs_is_refused(bucket):
   with pytest.raises((StitchError, SourceError), match="incomplete"):
     stitch(os.fspath(path), [("x", os.fspath(path))], os.fspath(bucket / "unsealed" / "out"),
            progress=False)
+
+
+def test_flexmix_mini_builds_onto_the_bucket(bucket):
+  from flexolmo_jax.data import build_flexmix_mini, catalog
+  from flexolmo_jax.storage import atomic
+  out = bucket / "flexmix" / "flexmix_mini"
+  stats = build_flexmix_mini(str(out), scale=0.02, seq_len=None, task_items=8)
+  assert atomic.is_sealed(out)
+  assert set(stats["domains"]) == {"public", "code", "math", "legal"}
+  assert catalog.dataset_stats(str(out / "math"))["num_examples"]["train"] > 0
+  assert (out / "tokenizer.json").is_file() and (out / "tasks" / "math.jsonl").read_text()
+  assert json.loads((out / "flexmix_mini.json").read_text())["scale"] == 0.02

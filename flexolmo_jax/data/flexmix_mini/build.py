@@ -19,11 +19,13 @@ import gzip
 import json
 import logging
 import os
-import shutil
 from typing import Any
+
+from etils import epath
 
 from flexolmo_jax.data import catalog, domain_gap, packing, prepare, tokenizer
 from flexolmo_jax.storage import atomic
+from flexolmo_jax.storage.paths import as_path
 from flexolmo_jax.data.errors import DataError
 from flexolmo_jax.data.flexmix_mini import domains, math_problems, tasks
 
@@ -63,7 +65,7 @@ def collect(domain: str, budget: int, seed: int) -> list[tuple[str, str]]:
 
 def _write_jsonl_gz(path: str, docs: list[tuple[str, str]]) -> None:
   # mtime=0 and no file name in the header: byte-identical output on every run.
-  with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+  with epath.Path(path).open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
                         mtime=0) as fh:
     for text, source in docs:
       fh.write((json.dumps({"text": text, "source": source}) + "\n").encode("utf-8"))
@@ -75,12 +77,12 @@ def build_flexmix_mini(out_dir: str | None = None, *, scale: float = 1.0,
             overwrite: bool = False, task_items: int = 200) -> dict[str, Any]:
   """Builds the corpus into ``out_dir`` (default: $FLEXOLMO_DATA_DIR/flexmix_mini or
   ~/.cache/flexolmo_jax/flexmix_mini) and returns its statistics."""
-  out_dir = os.path.abspath(out_dir or default_dir())
+  out_dir = as_path(out_dir or default_dir())  # any epath: local or gs://
   if scale <= 0:
     raise DataError(f"scale must be positive, got {scale}")
   with atomic.staged_directory(out_dir, overwrite, error=DataError) as stage:
-    root = str(stage.root)
-    os.makedirs(os.path.join(root, "raw"))
+    root = os.fspath(stage.root)  # os.path.join on it is textual, so gs:// URLs survive
+    (stage.root / "raw").mkdir(parents=True)
     stats: dict[str, Any] = {"scale": scale, "seed": seed, "seq_len": seq_len,
                  "validation_fraction": validation_fraction, "domains": {}}
     for name in DOMAINS:
@@ -120,14 +122,12 @@ def build_flexmix_mini(out_dir: str | None = None, *, scale: float = 1.0,
         entry["tokens"][split] = packed.num_tokens
         streams[split][name] = domain_gap.token_stream(packed)
         if seq_len is None:  # only counted: leave no cache the caller did not ask for
-          shutil.rmtree(packed.directory)
+          epath.Path(packed.directory).rmtree()
       stats["domains"][name] = entry
     stats["bigram_cross_entropy_nats"] = domain_gap.cross_entropy_matrix(
       streams[prepare.TRAIN], streams[prepare.VALIDATION], tok.padded_vocab_size)
-    with open(os.path.join(root, "flexmix_mini.json"), "w") as fh:
-      json.dump(stats, fh, indent=1)
-    with open(os.path.join(root, "README.md"), "w") as fh:
-      fh.write(render_readme(stats))
+    (stage.root / "flexmix_mini.json").write_text(json.dumps(stats, indent=1))
+    (stage.root / "README.md").write_text(render_readme(stats))
   log.info("FlexMix-mini written to %s", out_dir)
   return stats
 

@@ -115,8 +115,9 @@ def write_tasks(root: str, domains: Sequence[str], n_items: int, seed: int) -> d
   No item's answer, with the end of its context, occurs in any domain's training split (a
   validation document may share a paragraph with another domain's training text)."""
   import os
-  out_dir = os.path.join(root, "tasks")
-  os.makedirs(out_dir, exist_ok=True)
+  from etils import epath
+  out_dir = epath.Path(root) / "tasks"
+  out_dir.mkdir(parents=True, exist_ok=True)
   train = {d: _texts(os.path.join(root, d), prepare.TRAIN) for d in domains}
   seen_in_training = "\x00".join(t for texts in train.values() for t in texts)
   counts = {}
@@ -128,7 +129,7 @@ def write_tasks(root: str, domains: Sequence[str], n_items: int, seed: int) -> d
                          n_items, seed)
       items = [it for it in items
                if it["context"][-_OVERLAP:] + it["choices"][it["gold"]] not in seen_in_training]
-    with open(os.path.join(out_dir, f"{domain}.jsonl"), "w") as fh:
+    with (out_dir / f"{domain}.jsonl").open("w") as fh:
       for item in items:
         fh.write(json.dumps(item) + "\n")
     counts[domain] = len(items)
