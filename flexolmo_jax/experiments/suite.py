@@ -3,6 +3,7 @@ ablations, over several training seeds, into one report.
 
   python -m flexolmo_jax.experiments --suite=paper --workdir=DIR [--seeds=3]
       [--scale=small|tiny] [--jobs=2] [--ablations=router_init,bias,router_tuning,top_k,public_mix]
+      [--ablation_seeds=K]
 
 The corpus is built once (DIR/flexmix_mini); each seed (DIR/seed_S, `--config.seed=S` in every
 training) runs the demo's stages (experiments/demo.py: the same `Demo`, every stage its own
@@ -20,7 +21,8 @@ and the ablations (--ablations, default all):
   router_tuning  the merged model as stitched vs router-tuned (evaluation only)
   top_k          experts per token at inference (evaluation only)
 Within a seed, the public model, embeddings and default experts are trained once and reused
-by every variant that does not change them. Variants that retrain experts are compared as
+by every variant that does not change them. --ablation_seeds=K runs the ablations on
+seeds 0..K-1 only (their tables are then mean +- std over K seeds). Variants that retrain experts are compared as
 stitched (no router tuning) with the default experts as stitched.
 
 Writes DIR/report.md: loss per domain as mean +- std over seeds (main table, opt-out matrix,
@@ -56,6 +58,11 @@ _JOBS = flags.DEFINE_integer("jobs", 2, "Independent stages run this many at a t
                              lower_bound=1, flag_values=FLAGS)
 _ABLATIONS = flags.DEFINE_string("ablations", "all", "Comma-separated ablations, 'all' or "
                                  "'none'.", flag_values=FLAGS)
+_ABLATION_SEEDS = flags.DEFINE_integer(
+    "ablation_seeds", None, "Run the ablations on the first K seeds only (default: every "
+    "seed). The headline rows and claims still use every seed; an ablation costs about as "
+    "much as retraining the experts, so this bounds the suite's time.", lower_bound=1,
+    flag_values=FLAGS)
 flags.mark_flags_as_required(["suite", "workdir"], flag_values=FLAGS)
 
 ABLATIONS = {
@@ -131,8 +138,10 @@ def _config_module():
 
 class Suite:
 
-  def __init__(self, work: pathlib.Path, seeds: int, scale: str, jobs: int, ablations):
+  def __init__(self, work: pathlib.Path, seeds: int, scale: str, jobs: int, ablations,
+               ablation_seeds: int | None = None):
     self.work, self.seeds, self.scale, self.jobs = work, seeds, scale, jobs
+    self.ablation_seeds = min(seeds, ablation_seeds or seeds)
     self.ablations = list(ablations)
     self.cfg = _config_module()
     self.data = work / "flexmix_mini"
@@ -154,6 +163,10 @@ class Suite:
     self.variants = variants(self.ablations, scale, self.mean_is_default, self.cfg.PUBLIC_MIX)
     # The baseline trainings exist where configs/flexmix_mini.py has their stages.
     self.baselines = [b for b in ("btx", "unrestricted") if b in getattr(self.cfg, "STAGES", ())]
+
+  def variants_for(self, seed: int) -> list[Variant]:
+    """The ablation settings seed runs (none past --ablation_seeds)."""
+    return self.variants if seed < self.ablation_seeds else []
 
   def demo(self, seed: int, tag: str | None = None) -> Demo:
     demo = Demo(self.work / f"seed_{seed}", self.scale, True, self.jobs, seed=seed,
@@ -180,7 +193,7 @@ class Suite:
     demo.train_public()
     self._embeddings(demo, seed)
     experts = demo.expert_jobs()
-    for v in self.variants:
+    for v in self.variants_for(seed):
       if v.trains:
         experts += demo.expert_jobs(v.name, v.overrides, self._embedding_dir(demo, v),
                                     self._sources(v))
@@ -193,8 +206,9 @@ class Suite:
       demo.step(f"training {len(experts)} experts (every variant, one process per owner)"
                 + (" and the unrestricted MoE" if any(l == "unrestricted" for _, l in jobs) else ""))
       demo.run_parallel(jobs)
-    stitches = [j for j in [demo.stitch_job()] + [demo.stitch_job(v.name) for v in self.variants
-                                                   if v.trains] if j]
+    stitches = [j for j in [demo.stitch_job()] + [demo.stitch_job(v.name)
+                                                   for v in self.variants_for(seed) if v.trains]
+                if j]
     if stitches:
       demo.step(f"stitching public + experts ({len(stitches)} models: default and variants)")
       demo.run_parallel(self._batch(demo, stitches, "stitches"))
@@ -237,12 +251,12 @@ class Suite:
 
   def _embeddings(self, demo, seed):
     jobs = demo.embedding_jobs()
-    if any(v.embeddings == "mean" for v in self.variants):
+    if any(v.embeddings == "mean" for v in self.variants_for(seed)):
       jobs += demo.embedding_jobs(demo.work / "embeddings_mean", demo.self_embedder(), "embed_mean")
     if jobs:
       demo.step("domain embeddings (each owner, its own data)")
       demo.run_parallel(jobs)
-    if any(v.embeddings == "random" for v in self.variants):
+    if any(v.embeddings == "random" for v in self.variants_for(seed)):
       self._random_embeddings(demo, seed)
 
   def _random_embeddings(self, demo, seed):
@@ -267,7 +281,7 @@ class Suite:
             "merged": (demo.final, {"opt_out_matrix": True}),
             "merged_untuned": (demo.merged_dir(), {})}
     jobs.update({f"expert_{d}": (demo.expert_dir(d), {}) for d in DOMAINS})
-    for v in self.variants:
+    for v in self.variants_for(demo.seed):
       if v.trains:
         jobs[v.name] = (demo.merged_dir(v.name), {})
       elif v.top_k is not None:
@@ -353,7 +367,7 @@ def _main(argv) -> int:
   del argv
   ablations = parse_ablations(_ABLATIONS.value)
   Suite(pathlib.Path(_WORKDIR.value).absolute(), _SEEDS.value, _SCALE.value, _JOBS.value,
-        ablations).run()
+        ablations, _ABLATION_SEEDS.value).run()
   return 0
 
 

@@ -51,7 +51,7 @@ def seed_results(suite, seed: int) -> dict:
     if b in suite.baselines:
       main[label] = _loss(first(b))
   ablations = {}
-  for v in suite.variants:
+  for v in suite.variants_for(seed):
     rows = ablations.setdefault(v.ablation, [])
     if not rows:  # the reference each variant changes one thing of
       ref = (MERGED, main[MERGED]) if v.ablation in ("top_k", "router_tuning") else (
@@ -192,8 +192,9 @@ def _plots(results: list[dict], out_dir: pathlib.Path) -> dict[str, str]:
   files["routing"] = out_dir / "routing.png"
   if not routing_heatmap(fake, next(iter(fake["rows"])), files["routing"]):
     del files["routing"]
-  # Ablations: average loss of each setting.
-  abl = results[0]["ablations"]
+  # Ablations: average loss of each setting (over the seeds that ran them).
+  results = [r for r in results if r["ablations"]]
+  abl = results[0]["ablations"] if results else {}
   if abl:
     fig, axes = plt.subplots(1, len(abl), figsize=(3.2 * len(abl), 3.8), squeeze=False,
                              layout="constrained")
@@ -240,14 +241,19 @@ def write(suite) -> str:
   lines += table([r["opt_out"] for r in results], "experts")
   if plots.get("opt_out"):
     lines += ["", f"![opt-out matrix]({plots['opt_out']})"]
-  abl = results[0]["ablations"]
+  abl_results = [r for r in results if r["ablations"]]
+  abl = abl_results[0]["ablations"] if abl_results else {}
   if abl:
+    k = len(abl_results)
     lines += ["", "## Ablations", "",
+              (f"Run on seeds 0..{k - 1} only (`--ablation_seeds={k}`): mean ± std over "
+               f"{k} seed(s). " if k < n else "") +
               "First row of each: the reference. Variants that retrain experts are compared as "
               "stitched (no router tuning) with the default experts as stitched; top-k and "
               "router tuning are evaluation-only changes of the router-tuned model.", ""]
     for name, settings in abl.items():
-      per_seed = [{label: losses for label, losses in r["ablations"][name]} for r in results]
+      per_seed = [{label: losses for label, losses in r["ablations"][name]}
+                  for r in abl_results]
       lines += [f"### {name}: {ABLATIONS[name]}", ""] + table(per_seed, "setting") + [""]
       if name == "router_init" and suite.mean_is_default:
         lines += ["(No sentence embedder of width d_model at this scale: the default router "
