@@ -110,3 +110,36 @@ def test_claims_are_checked_on_every_seed():
   verdicts = [l.split("**")[1] for l in mixed if l.startswith("- **")]
   assert verdicts == ["reproduced", "not reproduced", "not reproduced", "reproduced"], mixed
   assert "(in 1/2 seeds)" in mixed[3] and "±" in mixed[3]
+
+
+def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkeypatch):
+  """--ablation_seeds=1 with 3 seeds: seed 0 runs every variant, seeds 1-2 none; the report's
+  headline tables are over 3 seeds and its ablation tables over the 1 seed that ran them."""
+  from flexolmo_jax.experiments import suite, suite_report as sr
+  s = suite.Suite(tmp_path, 3, "small", 1, ["bias", "top_k"], ablation_seeds=1)
+  assert [v.name for v in s.variants_for(0)] == ["bias_off", "topk_1", "topk_3", "topk_4"]
+  assert s.variants_for(1) == [] and s.variants_for(2) == []
+  assert "bias_off" in s.eval_jobs(s.demo(0)) and "bias_off" not in s.eval_jobs(s.demo(2))
+  assert suite.Suite(tmp_path, 2, "small", 1, ["bias"]).variants_for(1)  # default: every seed
+  doms = sr.EVAL_DOMAINS
+
+  def losses(v):
+    return dict({d: v for d in doms}, avg=v)
+
+  def fake_seed(suite_, seed):
+    abl = {"bias": [("learned bias (default, as stitched)", losses(5.0)),
+                    ("no bias", losses(5.1 + seed))]} if suite_.variants_for(seed) else {}
+    opt = {"all experts": losses(4.5)}
+    opt.update({f"-{d}": losses(4.6) for d in sr.DOMAINS})
+    return {"main": {"public": losses(5.0 + 0.1 * seed), sr.MERGED: losses(4.5),
+                     "model soup": losses(4.8), "BTM ensemble": losses(4.9)},
+            "opt_out": opt, "ablations": abl}
+  monkeypatch.setattr(sr, "seed_results", fake_seed)
+  monkeypatch.setattr(sr, "_plots", lambda results, out: {"losses": "losses.png"})
+  monkeypatch.setattr(suite.Demo, "_curves_png", lambda self: tmp_path / "c.png")
+  s = suite.Suite(tmp_path, 3, "small", 1, ["bias"], ablation_seeds=1)
+  report = sr.write(s)
+  assert "mean ± std over 3 seeds" in report
+  assert "| public | 5.100 ± 0.100 |" in report  # the headline over all 3 seeds
+  assert "Run on seeds 0..0 only (`--ablation_seeds=1`)" in report
+  assert "| no bias | 5.100 ± 0.000 |" in report  # seed 0 alone
