@@ -4,7 +4,8 @@ stage): a suite evaluates tens of small models, and at its scales a process's st
 
   python -m flexolmo_jax.experiments.eval_batch --jobs=JOBS.json
 
-JOBS.json: a list of {"out": DIR, "options": {EvalOptions fields}}. Each job writes what
+JOBS.json: a list of {"out": DIR, "options": {EvalOptions fields}} (`extraction`: a dict of
+ExtractionOptions fields). Each job writes what
 `python -m flexolmo_jax.evaluate` writes (DIR/results.json, results.md, routing.png) and is
 skipped when DIR/results.json already holds that model at that top-k (see `done`).
 Exit status: 0 done, 1 bad input (a job's model or data missing, unknown fields), 2 usage.
@@ -39,6 +40,7 @@ def done(out, ckpt, top_k: int | None = None) -> bool:
 def _main(argv) -> int:
   del argv
   import dataclasses
+  from flexolmo_jax.evaluate.extraction import ExtractionOptions
   from flexolmo_jax.evaluate.report import write_all
   from flexolmo_jax.evaluate.run import EvalOptions, evaluate
   jobs = json.loads(pathlib.Path(_JOBS.value).read_text())
@@ -48,7 +50,9 @@ def _main(argv) -> int:
     if unknown:
       raise ValueError(f"job {job['out']}: unknown evaluation options {sorted(unknown)}")
   for job in jobs:
-    opts = job["options"]
+    opts = dict(job["options"])
+    if isinstance(opts.get("extraction"), dict):
+      opts["extraction"] = ExtractionOptions(**opts["extraction"])
     if done(job["out"], opts["ckpt"], opts.get("top_k")):
       continue
     print(f"evaluating {opts['ckpt']} -> {job['out']}", flush=True)

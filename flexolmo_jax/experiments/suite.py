@@ -77,6 +77,8 @@ ABLATIONS = {
 TINY_STEPS = {"public": 8, "expert": 5, "router": 4, "btx": 4}
 TINY_EVAL_BATCHES = 4
 TINY_EMBED_SAMPLES = 32
+# Extraction (documents per domain, generated tokens after a 32-token prefix): the demo's.
+EXTRACTION = {"small": (16, 64), "tiny": (4, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,18 +278,27 @@ class Suite:
         write_text_atomic(path, buf.getvalue())
 
   def eval_jobs(self, demo) -> dict[str, tuple[pathlib.Path, dict]]:
-    """{name: (checkpoint, extra EvalOptions)} of every model this seed evaluates."""
-    jobs = {"public": (demo.work / "public", {}),
-            "merged": (demo.final, {"opt_out_matrix": True}),
-            "merged_untuned": (demo.merged_dir(), {})}
-    jobs.update({f"expert_{d}": (demo.expert_dir(d), {}) for d in DOMAINS})
+    """{name: (checkpoint, extra EvalOptions)} of every model this seed evaluates. The
+    headline models also answer the corpus's held-out downstream tasks (accuracy beside
+    perplexity); `extraction` is the final model's verbatim extraction of each domain's
+    training documents with every expert subset (the demo's protocol)."""
+    tasks = {"tasks": [str(self.data / "tasks" / f"{d}.jsonl") for d in EVAL_DOMAINS]}
+    jobs = {"public": (demo.work / "public", tasks),
+            "merged": (demo.final, {"opt_out_matrix": True, **tasks}),
+            "merged_untuned": (demo.merged_dir(), tasks)}
+    jobs.update({f"expert_{d}": (demo.expert_dir(d), tasks) for d in DOMAINS})
     for v in self.variants_for(demo.seed):
       if v.trains:
         jobs[v.name] = (demo.merged_dir(v.name), {})
       elif v.top_k is not None:
         jobs[v.name] = (demo.final, {"top_k": v.top_k})
     for b in self.baselines:
-      jobs[b] = (demo.work / b, {})
+      jobs[b] = (demo.work / b, tasks)
+    docs, tokens = EXTRACTION[self.scale]
+    jobs["extraction"] = (demo.final, {"opt_out_matrix": True, "perplexity": False,
+                                       "extraction": dict(split="train", num_docs=docs,
+                                                          prefix_len=32, gen_len=tokens,
+                                                          batch_size=docs)})
     return jobs
 
   def _evaluate(self, demo):

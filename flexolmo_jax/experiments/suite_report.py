@@ -70,9 +70,25 @@ def seed_results(suite, seed: int) -> dict:
       rows.append(ref)
     rows.append((v.label, main[STITCHED] if v.untuned else _loss(first(v.name))))
   routing = {d: merged["all experts"]["perplexity"][d]["routing"] for d in EVAL_DOMAINS}
+  # Downstream accuracy of the models evaluated with the tasks (older workdirs: none).
+  accuracy = {}
+  for name, label in [("public", "public"), *[(f"expert_{d}", f"expert_{d} (2-expert)")
+                                                for d in DOMAINS],
+                      ("merged", MERGED), ("merged_untuned", STITCHED),
+                      ("btx", "BTX"), ("unrestricted", "unrestricted MoE (equal FLOPs)")]:
+    if not (ev / name / "results.json").exists():
+      continue
+    row = merged["all experts"] if name == "merged" else first(name)
+    if all(d in row.get("tasks", {}) for d in EVAL_DOMAINS):
+      accuracy[label] = _with_avg({d: row["tasks"][d]["acc"] for d in EVAL_DOMAINS})
+  extraction = {}
+  if (ev / "extraction" / "results.json").exists():
+    for sub, row in load("extraction")["rows"].items():
+      extraction[sub] = {d: row["extraction"][d]["extracted"] for d in DOMAINS}
+      extraction[sub].update({f"sim {d}": row["extraction"][d]["similarity"] for d in DOMAINS})
   return {"main": main, "opt_out": {k: _loss(r) for k, r in merged.items()},
           "routing": routing, "experts": load("merged")["model"]["experts"],
-          "ablations": ablations}
+          "ablations": ablations, "accuracy": accuracy, "extraction": extraction}
 
 
 def mean_std(xs) -> tuple[float, float]:
@@ -85,13 +101,47 @@ def fmt(xs, digits: int = 3) -> str:
   return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(per_seed: list[dict], header: str) -> list[str]:
-  """{row: losses} per seed -> markdown, every cell mean ± std over seeds."""
-  lines = [f"| {header} | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def table(per_seed: list[dict], header: str, columns=COLUMNS, scale: float = 1.0,
+          digits: int = 3) -> list[str]:
+  """{row: {column: value}} per seed -> markdown, every cell mean ± std over seeds (values
+  times scale: 100 for percentages)."""
+  lines = [f"| {header} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for name in per_seed[0]:
-    lines.append(f"| {name} | " + " | ".join(fmt([s[name][c] for s in per_seed])
-                                              for c in COLUMNS) + " |")
+    lines.append(f"| {name} | " + " | ".join(
+        fmt([scale * s[name][c] for s in per_seed], digits) for c in columns) + " |")
   return lines
+
+
+def extraction_lines(results: list[dict], docs: int, tokens: int) -> list[str]:
+  """The extraction table (share of each owner's training documents the final model
+  reproduces, per expert subset) and, per owner, opting its expert out against the public
+  model's rate: the practical side of opt-out."""
+  ex = [r["extraction"] for r in results if r.get("extraction")]
+  if not ex:
+    return []
+  out = ["## Verbatim extraction (final model)", "",
+         "Share (%) of each owner's training documents whose greedy continuation of a 32-token "
+         "prefix has normalised Levenshtein similarity >= 0.9 with the document (the "
+         f"reference's protocol, shorter: {docs} documents per domain, {tokens} generated "
+         "tokens), mean ± std over {len(ex)} "
+         "seed(s); `sim` columns: mean similarity.", ""]
+  out += table(ex, "experts", [*DOMAINS, *(f"sim {d}" for d in DOMAINS)], 1.0, 3)
+  public = next((k for k in ex[0] if k.endswith(" only")), None)
+  out.append("")
+  for d in DOMAINS:
+    if f"-{d}" not in ex[0]:
+      continue
+    on = [e["all experts"][d] for e in ex]
+    off = [e[f"-{d}"][d] for e in ex]
+    line = (f"- opting out {d}: extracted {fmt([100 * x for x in on], 1)}% -> "
+            f"{fmt([100 * x for x in off], 1)}% of its documents, similarity "
+            f"{fmt([e['all experts'][f'sim {d}'] for e in ex])} -> "
+            f"{fmt([e[f'-{d}'][f'sim {d}'] for e in ex])}")
+    if public:
+      line += (f" (public model: {fmt([100 * e[public][d] for e in ex], 1)}%, similarity "
+               f"{fmt([e[public][f'sim {d}'] for e in ex])})")
+    out.append(line + ".")
+  return out
 
 
 def claims(results: list[dict], has_unrestricted: bool) -> list[str]:
@@ -217,7 +267,8 @@ def _plots(results: list[dict], out_dir: pathlib.Path) -> dict[str, str]:
 
 def write(suite) -> str:
   """Gathers every seed, writes DIR/report.md (and its PNGs); returns the markdown."""
-  from flexolmo_jax.experiments.suite import ABLATIONS, TINY_EVAL_BATCHES, TINY_STEPS
+  from flexolmo_jax.experiments.suite import (ABLATIONS, EXTRACTION, TINY_EVAL_BATCHES,
+                                              TINY_STEPS)
   results = [seed_results(suite, s) for s in range(suite.seeds)]
   n = len(results)
   out_dir = suite.work
@@ -241,6 +292,16 @@ def write(suite) -> str:
   lines += table([r["opt_out"] for r in results], "experts")
   if plots.get("opt_out"):
     lines += ["", f"![opt-out matrix]({plots['opt_out']})"]
+  acc = [r["accuracy"] for r in results if r.get("accuracy")]
+  if acc:
+    lines += ["", "## Downstream accuracy", "",
+              "Accuracy (%) on the corpus's held-out 4-way multiple-choice task of each domain "
+              "(chance 25%; math: the answer of a worked problem, others: the next line of a "
+              f"validation document), mean ± std over {len(acc)} seed(s).", ""]
+    lines += table(acc, "model", scale=100.0, digits=1)
+  ex = extraction_lines(results, *EXTRACTION[suite.scale])
+  if ex:
+    lines += ["", *ex]
   abl_results = [r for r in results if r["ablations"]]
   abl = abl_results[0]["ablations"] if abl_results else {}
   if abl:
