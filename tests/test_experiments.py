@@ -131,9 +131,14 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
                     ("no bias", losses(5.1 + seed))]} if suite_.variants_for(seed) else {}
     opt = {"all experts": losses(4.5)}
     opt.update({f"-{d}": losses(4.6) for d in sr.DOMAINS})
+    ex = {"all experts": {d: 0.5 for d in sr.DOMAINS}, "public only": {d: 0.0 for d in sr.DOMAINS}}
+    ex.update({f"-{d}": {o: 0.0 if o == d else 0.5 for o in sr.DOMAINS} for d in sr.DOMAINS})
+    for row in ex.values():
+      row.update({f"sim {d}": 0.2 + row[d] for d in sr.DOMAINS})
     return {"main": {"public": losses(5.0 + 0.1 * seed), sr.MERGED: losses(4.5),
                      "model soup": losses(4.8), "BTM ensemble": losses(4.9)},
-            "opt_out": opt, "ablations": abl}
+            "opt_out": opt, "ablations": abl, "extraction": ex,
+            "accuracy": {"public": losses(0.25 + 0.05 * seed), sr.MERGED: losses(0.5)}}
   monkeypatch.setattr(sr, "seed_results", fake_seed)
   monkeypatch.setattr(sr, "_plots", lambda results, out: {"losses": "losses.png"})
   monkeypatch.setattr(suite.Demo, "_curves_png", lambda self: tmp_path / "c.png")
@@ -143,3 +148,8 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
   assert "| public | 5.100 ± 0.100 |" in report  # the headline over all 3 seeds
   assert "Run on seeds 0..0 only (`--ablation_seeds=1`)" in report
   assert "| no bias | 5.100 ± 0.000 |" in report  # seed 0 alone
+  # Accuracy in percent over 3 seeds; extraction per expert subset, opt-out vs public rate.
+  assert "## Downstream accuracy" in report and "| public | 30.0 ± 5.0 |" in report
+  assert "## Verbatim extraction" in report and "| -math | 0.500 ± 0.000 | 0.000 ± 0.000 |" in report
+  assert ("- opting out math: extracted 50.0 ± 0.0% -> 0.0 ± 0.0% of its documents, similarity "
+          "0.700 ± 0.000 -> 0.200 ± 0.000 (public model: 0.0 ± 0.0%") in report

@@ -120,7 +120,7 @@ def extraction_lines(results: list[dict], docs: int, tokens: int) -> list[str]:
   if not ex:
     return []
   out = ["## Verbatim extraction (final model)", "",
-         "Share (%) of each owner's training documents whose greedy continuation of a 32-token "
+         "Fraction of each owner's training documents whose greedy continuation of a 32-token "
          "prefix has normalised Levenshtein similarity >= 0.9 with the document (the "
          f"reference's protocol, shorter: {docs} documents per domain, {tokens} generated "
          "tokens), mean ± std over {len(ex)} "
