@@ -1,5 +1,7 @@
 """Test setup: 8 virtual CPU devices for sharding tests (must precede the first jax import)."""
 import os
+import shutil
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -9,9 +11,24 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent XLA compilation cache for the processes the tests start (the CLIs, the demo,
+# multi-process and resumed trainings): they compile the same few tiny programs again and
+# again, and on CPU compiling is most of a tiny stage's time. One directory per test run,
+# shared by its xdist workers (PYTEST_XDIST_TESTRUNUID) and removed at the end. The pytest
+# processes themselves compile without it: their tests read compiled executables' analyses.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_CACHE = os.path.join(tempfile.gettempdir(), f"flexolmo_jax_tests_xla_cache_{_RUN}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 
-
+import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)
+
+
+def pytest_unconfigure(config):
+  if not hasattr(config, "workerinput"):  # the controller, after every worker is done
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
