@@ -118,8 +118,10 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
   from flexolmo_jax.experiments import suite, suite_report as sr
   s = suite.Suite(tmp_path, 3, "small", 1, ["bias", "top_k"], ablation_seeds=1)
   assert [v.name for v in s.variants_for(0)] == ["bias_off", "topk_1", "topk_3", "topk_4"]
-  assert s.variants_for(1) == [] and s.variants_for(2) == []
+  # Evaluation-only ablations are cheap: every seed runs them.
+  assert [v.name for v in s.variants_for(2)] == ["topk_1", "topk_3", "topk_4"]
   assert "bias_off" in s.eval_jobs(s.demo(0)) and "bias_off" not in s.eval_jobs(s.demo(2))
+  assert "topk_3" in s.eval_jobs(s.demo(2))
   assert suite.Suite(tmp_path, 2, "small", 1, ["bias"]).variants_for(1)  # default: every seed
   doms = sr.EVAL_DOMAINS
 
@@ -127,8 +129,11 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
     return dict({d: v for d in doms}, avg=v)
 
   def fake_seed(suite_, seed):
-    abl = {"bias": [("learned bias (default, as stitched)", losses(5.0)),
-                    ("no bias", losses(5.1 + seed))]} if suite_.variants_for(seed) else {}
+    abl = {"top_k": [("top-2 (default, router-tuned)", losses(4.5)),
+                     ("top-1", losses(4.6 + 0.1 * seed))]}
+    if any(v.trains for v in suite_.variants_for(seed)):
+      abl["bias"] = [("learned bias (default, as stitched)", losses(5.0)),
+                     ("no bias", losses(5.1 + seed))]
     opt = {"all experts": losses(4.5)}
     opt.update({f"-{d}": losses(4.6) for d in sr.DOMAINS})
     ex = {"all experts": {d: 0.5 for d in sr.DOMAINS}, "public only": {d: 0.0 for d in sr.DOMAINS}}
@@ -142,12 +147,13 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
   monkeypatch.setattr(sr, "seed_results", fake_seed)
   monkeypatch.setattr(sr, "_plots", lambda results, out: {"losses": "losses.png"})
   monkeypatch.setattr(suite.Demo, "_curves_png", lambda self: tmp_path / "c.png")
-  s = suite.Suite(tmp_path, 3, "small", 1, ["bias"], ablation_seeds=1)
+  s = suite.Suite(tmp_path, 3, "small", 1, ["bias", "top_k"], ablation_seeds=1)
   report = sr.write(s)
   assert "mean ± std over 3 seeds" in report
   assert "| public | 5.100 ± 0.100 |" in report  # the headline over all 3 seeds
-  assert "Run on seeds 0..0 only (`--ablation_seeds=1`)" in report
+  assert report.count("so run on seeds 0..0 only (`--ablation_seeds=1`)") == 1  # bias only
   assert "| no bias | 5.100 ± 0.000 |" in report  # seed 0 alone
+  assert "| top-1 | 4.700 ± 0.100 |" in report  # every seed
   # Accuracy in percent over 3 seeds; extraction per expert subset, opt-out vs public rate.
   assert "## Downstream accuracy" in report and "| public | 30.0 ± 5.0 |" in report
   assert "## Verbatim extraction" in report and "| -math | 0.500 ± 0.000 | 0.000 ± 0.000 |" in report

@@ -192,6 +192,15 @@ def claims(results: list[dict], has_unrestricted: bool) -> list[str]:
   return out
 
 
+def ablation_seeds(results: list[dict]) -> dict[str, list[dict]]:
+  """{ablation: the seeds' results that ran it}, in the order the first seed ran them."""
+  out = {}
+  for r in results:
+    for name in r["ablations"]:
+      out.setdefault(name, []).append(r)
+  return out
+
+
 def _plots(results: list[dict], out_dir: pathlib.Path) -> dict[str, str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -242,14 +251,14 @@ def _plots(results: list[dict], out_dir: pathlib.Path) -> dict[str, str]:
   files["routing"] = out_dir / "routing.png"
   if not routing_heatmap(fake, next(iter(fake["rows"])), files["routing"]):
     del files["routing"]
-  # Ablations: average loss of each setting (over the seeds that ran them).
-  results = [r for r in results if r["ablations"]]
-  abl = results[0]["ablations"] if results else {}
+  # Ablations: average loss of each setting (over the seeds that ran it).
+  abl = ablation_seeds(results)
   if abl:
     fig, axes = plt.subplots(1, len(abl), figsize=(3.2 * len(abl), 3.8), squeeze=False,
                              layout="constrained")
-    for ax, (name, settings) in zip(axes[0], abl.items()):
-      ms = [mean_std([r["ablations"][name][i][1]["avg"] for r in results])
+    for ax, (name, runs) in zip(axes[0], abl.items()):
+      settings = runs[0]["ablations"][name]
+      ms = [mean_std([r["ablations"][name][i][1]["avg"] for r in runs])
             for i in range(len(settings))]
       ax.bar(range(len(settings)), [a for a, _ in ms], yerr=[b for _, b in ms], capsize=3,
              color=["tab:gray"] + ["tab:blue"] * (len(settings) - 1))
@@ -302,20 +311,20 @@ def write(suite) -> str:
   ex = extraction_lines(results, *EXTRACTION[suite.scale])
   if ex:
     lines += ["", *ex]
-  abl_results = [r for r in results if r["ablations"]]
-  abl = abl_results[0]["ablations"] if abl_results else {}
+  abl = ablation_seeds(results)
   if abl:
-    k = len(abl_results)
     lines += ["", "## Ablations", "",
-              (f"Run on seeds 0..{k - 1} only (`--ablation_seeds={k}`): mean ± std over "
-               f"{k} seed(s). " if k < n else "") +
               "First row of each: the reference. Variants that retrain experts are compared as "
               "stitched (no router tuning) with the default experts as stitched; top-k and "
               "router tuning are evaluation-only changes of the router-tuned model.", ""]
-    for name, settings in abl.items():
-      per_seed = [{label: losses for label, losses in r["ablations"][name]}
-                  for r in abl_results]
-      lines += [f"### {name}: {ABLATIONS[name]}", ""] + table(per_seed, "setting") + [""]
+    for name, runs in abl.items():
+      per_seed = [{label: losses for label, losses in r["ablations"][name]} for r in runs]
+      k = len(runs)
+      lines += [f"### {name}: {ABLATIONS[name]}", ""]
+      if k < n:
+        lines += [f"Retrains the experts, so run on seeds 0..{k - 1} only "
+                  f"(`--ablation_seeds={k}`): mean ± std over {k} seed(s).", ""]
+      lines += table(per_seed, "setting") + [""]
       if name == "router_init" and suite.mean_is_default:
         lines += ["(No sentence embedder of width d_model at this scale: the default router "
                   "init is the public model's mean hidden state, so that variant is the "
