@@ -156,6 +156,7 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
   assert "| top-1 | 4.700 ± 0.100 |" in report  # every seed
   # Accuracy in percent over 3 seeds; extraction per expert subset, opt-out vs public rate.
   assert "## Downstream accuracy" in report and "| public | 30.0 ± 5.0 |" in report
+  assert "mean ± std over 3 seed(s); `sim` columns" in report
   assert "## Verbatim extraction" in report and "| -math | 0.500 ± 0.000 | 0.000 ± 0.000 |" in report
   assert ("- opting out math: extracted 50.0 ± 0.0% -> 0.0 ± 0.0% of its documents, similarity "
           "0.700 ± 0.000 -> 0.200 ± 0.000 (public model: 0.0 ± 0.0%") in report

@@ -123,8 +123,7 @@ def extraction_lines(results: list[dict], docs: int, tokens: int) -> list[str]:
          "Fraction of each owner's training documents whose greedy continuation of a 32-token "
          "prefix has normalised Levenshtein similarity >= 0.9 with the document (the "
          f"reference's protocol, shorter: {docs} documents per domain, {tokens} generated "
-         "tokens), mean ± std over {len(ex)} "
-         "seed(s); `sim` columns: mean similarity.", ""]
+         f"tokens), mean ± std over {len(ex)} seed(s); `sim` columns: mean similarity.", ""]
   out += table(ex, "experts", [*DOMAINS, *(f"sim {d}" for d in DOMAINS)], 1.0, 3)
   public = next((k for k in ex[0] if k.endswith(" only")), None)
   out.append("")
@@ -331,7 +330,7 @@ def write(suite) -> str:
                   "default row.)", ""]
     if plots.get("ablations"):
       lines += [f"![ablations]({plots['ablations']})", ""]
-  lines += ["## Plots", "", f"![losses]({plots['losses']})"]
+  lines += ["", "## Plots", "", f"![losses]({plots['losses']})"]
   if plots.get("routing"):
     lines += [f"![routing]({plots['routing']})"]
   lines += [f"![training curves, seed 0]({curves.relative_to(out_dir)})", "",
