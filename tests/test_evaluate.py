@@ -179,6 +179,16 @@ def test_cli_writes_table_json_and_heatmap(moe, tmp_path, capsys):
   assert "| -math |" in md and "ppl legal" in md and "t acc_norm" in md
   assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not list(out.glob(".*"))  # no temporary files left behind
+  # --notasks_opt_out: the tasks score the first row only, with the same result.
+  first = tmp_path / "first"
+  assert cli.main([f"--ckpt={moe['dir']}", f"--data={moe['data']}", f"--tasks={task}",
+                   "--opt-out-matrix", f"--out={first}", f"--seq_len={SEQ}", "--max_batches=1",
+                   "--notasks_opt_out"]) == 0
+  only = json.loads((first / "results.json").read_text())
+  assert only["rows"]["all experts"]["tasks"] == results["rows"]["all experts"]["tasks"]
+  assert all(r["tasks"] == {} for n, r in only["rows"].items() if n != "all experts")
+  assert only["rows"]["-math"]["perplexity"] == results["rows"]["-math"]["perplexity"]
+  assert "| -math |" in (first / "results.md").read_text()
   # bad input: unknown expert names and missing files exit 1 with a clear message
   assert cli.main([f"--ckpt={moe['dir']}", f"--data={moe['data']}", "--exclude=news",
                    f"--out={tmp_path / 'x'}"]) == 1

@@ -56,6 +56,10 @@ _EX_THRESHOLD = flags.DEFINE_float("extraction_threshold", 0.9, "Similarity that
                                    "extracted.", flag_values=FLAGS)
 _PERPLEXITY = flags.DEFINE_bool("perplexity", True, "Perplexity on --data (--noperplexity: off).",
                                 flag_values=FLAGS)
+_TASKS_OPT_OUT = flags.DEFINE_bool(
+    "tasks_opt_out", True, "Score --tasks on every row (each opt-out subset); "
+    "--notasks_opt_out: on the first row only (all experts, or the --exclude subset).",
+    flag_values=FLAGS)
 _LOAD = cli.ModelLoadFlags(FLAGS)
 _TOP_K = flags.DEFINE_integer("top_k", None, "Experts per token, overriding the model's "
                               "(inference-only; the weights are unchanged).", lower_bound=1,
@@ -83,7 +87,7 @@ def _main(argv) -> int:
       split=_SPLIT.value, max_batches=_MAX_BATCHES.value, mesh=config.mesh.to_dict(),
       axis_rules=config.get("axis_rules"), dispatch=_LOAD.dispatch.value,
       param_dtype=_LOAD.param_dtype.value, top_k=_TOP_K.value, routing=not _NO_ROUTING.value,
-      perplexity=_PERPLEXITY.value,
+      perplexity=_PERPLEXITY.value, tasks_opt_out=_TASKS_OPT_OUT.value,
       extraction=ExtractionOptions(
           split=_EXTRACTION.value, num_docs=_EX_DOCS.value, prefix_len=_EX_PREFIX.value,
           gen_len=_EX_TOKENS.value, threshold=_EX_THRESHOLD.value,

@@ -21,8 +21,10 @@ def table(results: dict) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, row in rows.items():
     cells = [name] + [_num(row["perplexity"][d]["ppl"]) for d in domains]
-    cells += [f"{100 * row['tasks'][t]['acc']:.1f}" for t in tasks]
-    cells += [f"{100 * row['tasks'][t]['acc_norm']:.1f}" for t in tasks]
+    # A row without task scores (--notasks_opt_out scores only the first row): "-".
+    cells += [f"{100 * row['tasks'][t]['acc']:.1f}" if t in row["tasks"] else "-" for t in tasks]
+    cells += [f"{100 * row['tasks'][t]['acc_norm']:.1f}" if t in row["tasks"] else "-"
+              for t in tasks]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -38,6 +38,9 @@ class EvalOptions:
   top_k: int | None = None  # override the model's experts per token (an inference ablation)
   routing: bool = True
   perplexity: bool = True  # False: only tasks / extraction on the --data domains
+  # False: the tasks score only the first row (e.g. all experts), not every opt-out row; each
+  # row costs one forward per (example, choice), more than the perplexity of a small corpus.
+  tasks_opt_out: bool = True
   extraction: extraction_lib.ExtractionOptions | None = None  # None: no extraction
 
 
@@ -93,7 +96,7 @@ def evaluate(opts: EvalOptions, devices=None, log=print) -> dict:
     if tasks:
       T = multiple_choice.window(tasks, opts.seq_len or cfg.max_seq_len)
       step = steps.jit_step(steps.make_score_fn(cfg, rules), p_sh, mesh, rules, B, T)
-      masks = {s.name: s.mask(cfg, B) for s in subsets}
+      masks = {s.name: s.mask(cfg, B) for s in (subsets if opts.tasks_opt_out else subsets[:1])}
       for task in tasks:
         res = multiple_choice.score_task(step, params, task, T, B, cfg.pad_token_id, masks,
                                          steps.batch_shardings(mesh, rules, B, T))

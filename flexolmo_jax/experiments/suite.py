@@ -286,7 +286,7 @@ class Suite:
     training documents with every expert subset (the demo's protocol)."""
     tasks = {"tasks": [str(self.data / "tasks" / f"{d}.jsonl") for d in EVAL_DOMAINS]}
     jobs = {"public": (demo.work / "public", tasks),
-            "merged": (demo.final, {"opt_out_matrix": True, **tasks}),
+            "merged": (demo.final, {"opt_out_matrix": True, "tasks_opt_out": False, **tasks}),
             "merged_untuned": (demo.merged_dir(), tasks)}
     jobs.update({f"expert_{d}": (demo.expert_dir(d), tasks) for d in DOMAINS})
     for v in self.variants_for(demo.seed):
