@@ -160,3 +160,37 @@ def test_ablation_seeds_limits_the_ablations_to_the_first_seeds(tmp_path, monkey
   assert "## Verbatim extraction" in report and "| -math | 0.500 ± 0.000 | 0.000 ± 0.000 |" in report
   assert ("- opting out math: extracted 50.0 ± 0.0% -> 0.0 ± 0.0% of its documents, similarity "
           "0.700 ± 0.000 -> 0.200 ± 0.000 (public model: 0.0 ± 0.0%") in report
+
+
+def test_batch_starts_no_job_after_a_sigterm(tmp_path, monkeypatch):
+  """A SIGTERM during a batch's training (the trainer's preemption flag hears it and chains
+  to the batch's handler) stops the batch before its next job, exit 143."""
+  import json
+  import signal
+  import types
+  from flexolmo_jax.experiments import batch
+  from flexolmo_jax.storage.checkpoints import PreemptionFlag
+  ran, flags_seen = [], []
+
+  def training(args):
+    flag = PreemptionFlag().install()
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while "training"
+    flags_seen.append(bool(flag))
+    flag.uninstall()
+    ran.append(args)
+    return 0  # e.g. the signal came after the last step: nothing left to save
+  mods = {"flexolmo_jax.fake_a.__main__": types.SimpleNamespace(main=training),
+          "flexolmo_jax.fake_b.__main__": types.SimpleNamespace(main=lambda a: ran.append(a))}
+  monkeypatch.setattr(batch.importlib, "import_module", lambda name: mods[name])
+  spec = tmp_path / "jobs.json"
+  spec.write_text(json.dumps([{"module": "flexolmo_jax.fake_a", "args": ["1"]},
+                              {"module": "flexolmo_jax.fake_b", "args": ["2"]}]))
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    batch.FLAGS([sys.argv[0], f"--jobs={spec}"])
+    with pytest.raises(SystemExit) as e:
+      batch._main([])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    batch.FLAGS.unparse_flags()
+  assert e.value.code == 143 and flags_seen == [True] and ran == [["1"]]

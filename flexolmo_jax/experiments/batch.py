@@ -9,13 +9,15 @@ runs as `python -m MODULE ARGS` would (the command's `main(args)`, which parses 
 afresh every call: flexolmo_jax/cli.py). The suite batches only what one party may run
 together: one owner's expert trainings (every variant of that owner: its own data only),
 the coordinator's stitches. A job whose command fails stops the batch with its exit status;
-the jobs before it keep their outputs, so a re-run resumes.
+the jobs before it keep their outputs, so a re-run resumes. After a SIGTERM (the suite
+stopping; the running training saves where it is) no further job starts: exit 143.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import pathlib
+import signal
 import time
 
 from absl import flags
@@ -41,7 +43,12 @@ def _main(argv) -> int:
     except ModuleNotFoundError:
       mod = importlib.import_module(module)
     mains.append(mod.main)
+  terminated = []
+  signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))  # trainers chain to it
   for job, main in zip(jobs, mains):
+    if terminated:
+      print("SIGTERM: no further job started", flush=True)
+      raise SystemExit(143)
     t0 = time.time()
     print(f"$ python -m {job['module']} {' '.join(job['args'])}", flush=True)
     rc = main(list(job["args"]))

@@ -127,8 +127,15 @@ class PreemptionFlag:
 
   def install(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def _handle(self, signum, frame):
+    self._event.set()
+    # A handler installed before ours (e.g. experiments.batch, which must not start its next
+    # job after a SIGTERM) hears it too; the default action (exit) is what we replace.
+    if callable(self._previous):
+      self._previous(signum, frame)
 
   def uninstall(self):
     if self._previous is not None:
