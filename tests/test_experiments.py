@@ -27,6 +27,8 @@ def _env():
     (["--suite=bogus"], "--suite"),
     (["--suite=paper", "--ablations=router_init,nope"], "nope"),
     (["--suite=paper", "--ablations=all,bias"], "all"),
+    (["--suite=paper", "--public_mix_shares=0,1.5"], "public_mix_shares"),
+    (["--suite=paper", "--public_mix_shares=half"], "public_mix_shares"),
 ])
 def test_bad_suite_or_ablations_is_a_usage_error(tmp_path, args, needle):
   r = subprocess.run(_cmd(*args, f"--workdir={tmp_path}"), cwd=ROOT, env=_env(),
@@ -44,6 +46,7 @@ def test_ablation_table():
   names = [v.name for v in vs]
   assert names == ["init_mean", "init_random", "mix_0", "mix_50", "topk_1", "topk_3", "topk_4"]
   assert [v.trains for v in vs] == [True] * 4 + [False] * 3
+  assert [v.name for v in suite.variants(["public_mix"], "small", False, 0.25, (0.0,))] == ["mix_0"]
   # Where the default init already is the mean hidden state, that variant is not retrained.
   assert "init_mean" not in [v.name for v in suite.variants(["router_init"], "tiny", True, 0.25)]
 

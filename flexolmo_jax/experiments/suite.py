@@ -3,7 +3,7 @@ ablations, over several training seeds, into one report.
 
   python -m flexolmo_jax.experiments --suite=paper --workdir=DIR [--seeds=3]
       [--scale=small|tiny] [--jobs=2] [--ablations=router_init,bias,router_tuning,top_k,public_mix]
-      [--ablation_seeds=K]
+      [--ablation_seeds=K] [--public_mix_shares=0,0.5]
 
 The corpus is built once (DIR/flexmix_mini); each seed (DIR/seed_S, `--config.seed=S` in every
 training) runs the demo's stages (experiments/demo.py: the same `Demo`, every stage its own
@@ -64,6 +64,10 @@ _ABLATION_SEEDS = flags.DEFINE_integer(
     "and the claims use every seed. Each retraining ablation costs about one more round of "
     "expert training per seed, so this bounds the suite's time.", lower_bound=1,
     flag_values=FLAGS)
+_MIX_SHARES = flags.DEFINE_string(
+    "public_mix_shares", None, "Shares of public data in expert training that the public_mix "
+    "ablation compares with the default (comma-separated; default 0,0.5 at small, 0 at tiny).",
+    flag_values=FLAGS)
 flags.mark_flags_as_required(["suite", "workdir"], flag_values=FLAGS)
 
 ABLATIONS = {
@@ -78,6 +82,8 @@ ABLATIONS = {
 TINY_STEPS = {"public": 8, "expert": 5, "router": 4, "btx": 4}
 TINY_EVAL_BATCHES = 4
 TINY_EMBED_SAMPLES = 32
+# The public_mix ablation's shares of public data in expert training (against PUBLIC_MIX).
+MIX_SHARES = {"small": (0.0, 0.5), "tiny": (0.0,)}
 # Extraction (documents per domain, generated tokens after a 32-token prefix): the demo's.
 EXTRACTION = {"small": (16, 64), "tiny": (4, 16)}
 
@@ -110,9 +116,11 @@ def parse_ablations(value: str) -> list[str]:
   return names
 
 
-def variants(ablations, scale: str, mean_is_default: bool, public_mix: float) -> list[Variant]:
+def variants(ablations, scale: str, mean_is_default: bool, public_mix: float,
+             mix_shares=None) -> list[Variant]:
   """The ablation settings to run. mean_is_default: the default router init already is the
-  mean hidden state (no sentence embedder of width d_model), so that variant is the default."""
+  mean hidden state (no sentence embedder of width d_model), so that variant is the default.
+  mix_shares: the public_mix ablation's shares (default MIX_SHARES of the scale)."""
   out = []
   if "router_init" in ablations:
     if not mean_is_default:
@@ -121,7 +129,7 @@ def variants(ablations, scale: str, mean_is_default: bool, public_mix: float) ->
   if "bias" in ablations:
     out.append(Variant("bias_off", "bias", "no bias", overrides=("--config.model.expert_bias=False",)))
   if "public_mix" in ablations:
-    for mix in (0.0,) if scale == "tiny" else (0.0, 0.5):
+    for mix in MIX_SHARES[scale] if mix_shares is None else mix_shares:
       if mix != public_mix:
         out.append(Variant(f"mix_{int(round(100 * mix))}", "public_mix",
                            f"public share {mix:g}", public_mix=mix))
@@ -142,7 +150,7 @@ def _config_module():
 class Suite:
 
   def __init__(self, work: pathlib.Path, seeds: int, scale: str, jobs: int, ablations,
-               ablation_seeds: int | None = None):
+               ablation_seeds: int | None = None, mix_shares=None):
     self.work, self.seeds, self.scale, self.jobs = work, seeds, scale, jobs
     self.ablation_seeds = min(seeds, ablation_seeds or seeds)
     self.ablations = list(ablations)
@@ -163,7 +171,8 @@ class Suite:
     self.t0 = time.time()
     first = self.demo(0)
     self.mean_is_default = "--embedder=self" in first.default_embedder()
-    self.variants = variants(self.ablations, scale, self.mean_is_default, self.cfg.PUBLIC_MIX)
+    self.variants = variants(self.ablations, scale, self.mean_is_default, self.cfg.PUBLIC_MIX,
+                             mix_shares)
     # The baseline trainings exist where configs/flexmix_mini.py has their stages.
     self.baselines = [b for b in ("btx", "unrestricted") if b in getattr(self.cfg, "STAGES", ())]
 
@@ -379,8 +388,17 @@ class Suite:
 def _main(argv) -> int:
   del argv
   ablations = parse_ablations(_ABLATIONS.value)
+  shares = None
+  if _MIX_SHARES.value is not None:
+    try:
+      shares = tuple(float(x) for x in cli.parse_names(_MIX_SHARES.value))
+    except ValueError:
+      shares = ()
+    if not shares or not all(0.0 <= x < 1.0 for x in shares):
+      raise app.UsageError(f"--public_mix_shares {_MIX_SHARES.value!r}: comma-separated "
+                           "shares in [0, 1)")
   Suite(pathlib.Path(_WORKDIR.value).absolute(), _SEEDS.value, _SCALE.value, _JOBS.value,
-        ablations, _ABLATION_SEEDS.value).run()
+        ablations, _ABLATION_SEEDS.value, shares).run()
   return 0
 
 
