@@ -58,6 +58,9 @@ DOMAINS = ("code", "math", "legal")
 EVAL_DOMAINS = ("public",) + DOMAINS
 _PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 [...]"
 
+# Verbatim extraction, the reference's protocol scaled down: (documents per domain, generated
+# tokens) after a 32-token prefix, per scale; the experiments suite uses the same.
+EXTRACTION = {"small": (16, 64), "tiny": (4, 16)}
 
 class Demo:
   """The lifecycle's stages on one work directory. The demo runs it once; the experiments
@@ -310,7 +313,7 @@ class Demo:
     if self.router_tuning:
       jobs["merged_untuned"] = (self.work / "merged", [])
     # The reference's extraction protocol, scaled down (32-token prefixes, shorter generation).
-    docs, tokens = (16, 64) if self.scale == "small" else (4, 16)
+    docs, tokens = EXTRACTION[self.scale]
     jobs["extraction"] = (self.final, ["--opt-out-matrix", "--noperplexity", "--extraction=train",
                                        f"--extraction_docs={docs}", "--extraction_prefix=32",
                                        f"--extraction_tokens={tokens}", f"--batch_size={docs}"])

@@ -22,7 +22,8 @@ and the ablations (--ablations, default all):
   top_k          experts per token at inference (evaluation only)
 Within a seed, the public model, embeddings and default experts are trained once and reused
 by every variant that does not change them. --ablation_seeds=K runs the ablations that
-retrain experts on seeds 0..K-1 only (their tables are then mean +- std over K seeds). Variants that retrain experts are compared as
+retrain experts on seeds 0..K-1 only (their tables are then mean +- std over K seeds).
+Variants that retrain experts are compared as
 stitched (no router tuning) with the default experts as stitched.
 
 Writes DIR/report.md: loss per domain as mean +- std over seeds (main table, opt-out matrix,
@@ -43,7 +44,8 @@ import time
 from absl import app, flags
 
 from flexolmo_jax import cli
-from flexolmo_jax.experiments.demo import CONFIG, DOMAINS, EVAL_DOMAINS, Demo, ROOT
+from flexolmo_jax.experiments.demo import (CONFIG, DOMAINS, EVAL_DOMAINS, EXTRACTION, Demo,
+                                           ROOT)
 
 FLAGS = flags.FlagValues()
 _SUITE = flags.DEFINE_enum("suite", None, ["paper"], "Which experiments: paper (the FlexOlmo "
@@ -84,8 +86,6 @@ TINY_EVAL_BATCHES = 4
 TINY_EMBED_SAMPLES = 32
 # The public_mix ablation's shares of public data in expert training (against PUBLIC_MIX).
 MIX_SHARES = {"small": (0.0, 0.5), "tiny": (0.0,)}
-# Extraction (documents per domain, generated tokens after a 32-token prefix): the demo's.
-EXTRACTION = {"small": (16, 64), "tiny": (4, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
