@@ -82,8 +82,7 @@ def ensemble_losses(members: list[tuple[ModelConfig, dict]], loader, rules=(),
   Each member is scored by the evaluation step every other evaluation uses
   (`steps.make_logprob_fn`); the mixture is formed per token in fp32.
   """
-  fns = [jax.jit(steps.make_logprob_fn(cfg, rules)) for cfg, _ in members]
-  mix_fn = jax.jit(mixture_log_prob, static_argnames="weighting")
+  fns = [_logprob_fn(cfg, _hashable(rules)) for cfg, _ in members]  # compiled once per member
   total = dict.fromkeys(weightings, 0.0)
   count = 0.0
   for local in loader:
@@ -91,7 +90,7 @@ def ensemble_losses(members: list[tuple[ModelConfig, dict]], loader, rules=(),
     lp = jnp.stack([fn(p, b) for fn, (_, p) in zip(fns, members)])  # [M, B, T]
     mask = np.asarray(local["loss_mask"], np.float64)
     for w in weightings:
-      mix = mix_fn(lp, b["loss_mask"], weighting=w)
+      mix = _mix_fn(lp, b["loss_mask"], weighting=w)
       total[w] += float(np.sum(-np.asarray(mix, np.float64) * mask))
     count += float(mask.sum())
   return {w: total[w] / count if count else float("nan") for w in weightings}
@@ -105,7 +104,7 @@ def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=(),
 
 def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
   """Mean token loss of one model over a loader (exact over the split): the loss step."""
-  return steps.mean_loss(jax.jit(steps.make_loss_fn(cfg, rules, routing=False)), params, loader)
+  return steps.mean_loss(_loss_fn(cfg, _hashable(rules)), params, loader)
 
 
 # --- prompt-based routing ----------------------------------------------------------------
@@ -114,6 +113,16 @@ def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
 def _hashable(rules):
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
                for name, axes in rules)
+
+
+# The jitted steps are kept per (config, rules): every evaluation domain (and every call of
+# the demo's baselines) reuses one compilation instead of tracing and compiling anew.
+_mix_fn = jax.jit(mixture_log_prob, static_argnames="weighting")
+
+
+@functools.lru_cache(maxsize=16)
+def _loss_fn(cfg: ModelConfig, rules):
+  return jax.jit(steps.make_loss_fn(cfg, rules, routing=False))
 
 
 @functools.lru_cache(maxsize=16)

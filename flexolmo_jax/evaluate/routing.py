@@ -5,6 +5,8 @@ public and on its own domain's text, with its bias as trained and with the bias 
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from flexolmo_jax.evaluate import steps
 from flexolmo_jax.model import FlexOlmo, ModelConfig
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per model config, reused across datasets
 def _probs_fn(cfg: ModelConfig, rules):
   def fn(params, batch):
     with nn.logical_axis_rules(rules):
@@ -31,7 +34,7 @@ def expert_probability(cfg: ModelConfig, params, loader, rules=()) -> np.ndarray
   """[L, E]: the router's mean probability of each expert over the loader's loss tokens."""
   if not cfg.is_moe:
     raise ValueError("expert_probability needs an MoE model")
-  fn = _probs_fn(cfg, rules)
+  fn = _probs_fn(cfg, tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules))
   total, count = np.zeros((cfg.n_layers, cfg.num_experts)), 0.0
   for local in loader:
     s, n = fn(params, steps.global_batch(local))
