@@ -82,7 +82,7 @@ def ensemble_losses(members: list[tuple[ModelConfig, dict]], loader, rules=(),
   Each member is scored by the evaluation step every other evaluation uses
   (`steps.make_logprob_fn`); the mixture is formed per token in fp32.
   """
-  fns = [_logprob_fn(cfg, _hashable(rules)) for cfg, _ in members]  # compiled once per member
+  fns = [_logprob_fn(cfg, steps.hashable_rules(rules)) for cfg, _ in members]  # compiled once per member
   total = dict.fromkeys(weightings, 0.0)
   count = 0.0
   for local in loader:
@@ -104,15 +104,7 @@ def ensemble_loss(members: list[tuple[ModelConfig, dict]], loader, rules=(),
 
 def model_loss(cfg: ModelConfig, params, loader, rules=()) -> float:
   """Mean token loss of one model over a loader (exact over the split): the loss step."""
-  return steps.mean_loss(_loss_fn(cfg, _hashable(rules)), params, loader)
-
-
-# --- prompt-based routing ----------------------------------------------------------------
-
-
-def _hashable(rules):
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in rules)
+  return steps.mean_loss(_loss_fn(cfg, steps.hashable_rules(rules)), params, loader)
 
 
 # The jitted steps are kept per (config, rules): every evaluation domain (and every call of
@@ -129,6 +121,9 @@ def _loss_fn(cfg: ModelConfig, rules):
 def _logprob_fn(cfg: ModelConfig, rules):
   """The jitted logprob step of a member (kept: each evaluation domain reuses it)."""
   return jax.jit(steps.make_logprob_fn(cfg, rules))
+
+
+# --- prompt-based routing ----------------------------------------------------------------
 
 
 def _prefix_feature_fn(cfg: ModelConfig):
@@ -292,7 +287,7 @@ def prompt_routing_scores(router: PromptRouter, members: Mapping[str, tuple[Mode
   if missing:
     raise ValueError(f"router labels {missing} have no member; members {sorted(members)}")
   p = router.prefix_tokens if prefix_tokens is None else int(prefix_tokens)
-  fns = {l: _logprob_fn(members[l][0], _hashable(rules)) for l in router.labels}
+  fns = {l: _logprob_fn(members[l][0], steps.hashable_rules(rules)) for l in router.labels}
   total = count = 0.0
   routed = np.zeros(len(router.labels), np.int64)
   for local in loader:

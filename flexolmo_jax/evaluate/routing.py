@@ -34,7 +34,7 @@ def expert_probability(cfg: ModelConfig, params, loader, rules=()) -> np.ndarray
   """[L, E]: the router's mean probability of each expert over the loader's loss tokens."""
   if not cfg.is_moe:
     raise ValueError("expert_probability needs an MoE model")
-  fn = _probs_fn(cfg, tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules))
+  fn = _probs_fn(cfg, steps.hashable_rules(rules))
   total, count = np.zeros((cfg.n_layers, cfg.num_experts)), 0.0
   for local in loader:
     s, n = fn(params, steps.global_batch(local))

@@ -130,3 +130,9 @@ def abstract_batch(mesh, rules, batch: int, seq_len: int) -> dict:
   sh = batch_shardings(mesh, rules, batch, seq_len)
   return {k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k], sharding=sh[k])
           for k in BATCH_KEYS}
+
+
+def hashable_rules(rules) -> tuple:
+  """Axis rules as nested tuples, so a jitted step can be cached per (config, rules)."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in rules)

@@ -630,10 +630,8 @@ def _evaluated(results: pathlib.Path, model: pathlib.Path) -> bool:
 
 def _write_json(path: pathlib.Path, obj):
   """Written whole or not at all (a killed stage leaves no results that look complete)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
+  from flexolmo_jax.storage.atomic import write_text_atomic
+  write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _has_sentence_embedder() -> bool:
