@@ -71,10 +71,13 @@ def add_model_flags(ap) -> None:
   ap.add_argument("--dispatch", default=None)
   ap.add_argument("--capacity_impl", default=None)
   ap.add_argument("--logits_chunk", type=int, default=None)
+  ap.add_argument("--scan_unroll", type=int, default=None,
+                  help="layers per scan iteration (n_layers: fully unrolled)")
 
 
 def apply_model_flags(cfg, args):
-  names = ("attention", "attention_chunk", "dispatch", "capacity_impl", "logits_chunk")
+  names = ("attention", "attention_chunk", "dispatch", "capacity_impl", "logits_chunk",
+           "scan_unroll")
   return cfg.replace(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 
