@@ -124,6 +124,8 @@ def add_training(config: ml_collections.ConfigDict, stage: str, **train) -> ml_c
   # ahead of the device: not every step. A TPU VM's notice leaves ~30 s, many steps.
   config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
                                                      preemption_check_every=10))
-  config.eval = ml_collections.ConfigDict(dict(sources={}, global_batch_size=8))
+  # at_end: the validation loss of every eval source after the last step (summary.json).
+  # Off where the caller evaluates the export itself anyway (the demo, on every domain).
+  config.eval = ml_collections.ConfigDict(dict(sources={}, global_batch_size=8, at_end=True))
   config.export = True
   return config

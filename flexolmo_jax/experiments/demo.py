@@ -109,7 +109,11 @@ class Demo:
                *, seed: int | None = None, data: pathlib.Path | None = None,
                env: dict | None = None, stage_flags: dict | None = None, tag: str = ""):
     self.work, self.scale, self.router_tuning, self.jobs = work, scale, router_tuning, jobs
-    self.seed, self.env = seed, dict(env or {})
+    self.seed = seed
+    # One XLA compilation cache for every stage (the suite passes its own): the three
+    # experts, their evaluations and the merged model's evaluations run the same programs
+    # (same shapes) in separate processes, and on 2 CPU cores compiling is seconds each.
+    self.env = dict(env) if env is not None else compilation_cache_env(work)
     self.stage_flags, self.tag = dict(stage_flags or {}), tag
     self.embed_samples = 200  # documents each owner embeds for its router row
     self.data = data or work / "flexmix_mini"
@@ -239,8 +243,11 @@ class Demo:
     """A `flexolmo_jax.train` stage of configs/flexmix_mini.py at this scale (and seed)."""
     seed = [] if self.seed is None else [f"--config.seed={self.seed}"]
     knobs = self.stage_flags.get(stage.split(",")[0], [])
+    # --config.eval.at_end=False: every trained model is evaluated afterwards by its own
+    # evaluation job (on every domain), so the trainer's end-of-run validation is not repeated.
     return ["flexolmo_jax.train", f"--config={CONFIG}:{stage}{self.size}", f"--workdir={workdir}",
-            f"--config.data.root={self.data}", *seed, *knobs, *extra]
+            f"--config.data.root={self.data}", "--config.eval.at_end=False", *seed, *knobs,
+            *extra]
 
   def expert_dir(self, domain: str, variant: str = "") -> pathlib.Path:
     return self.work / (f"expert_{domain}_{variant}" if variant else f"expert_{domain}")
@@ -618,6 +625,14 @@ class Demo:
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def compilation_cache_env(work: pathlib.Path) -> dict:
+  """Environment of a stage process that shares JAX's persistent compilation cache in
+  WORK/.jax_cache (every program cached, however quick to compile)."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(work / ".jax_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def _evaluated(results: pathlib.Path, model: pathlib.Path) -> bool:

@@ -45,7 +45,7 @@ from absl import app, flags
 
 from flexolmo_jax import cli
 from flexolmo_jax.experiments.demo import (CONFIG, DOMAINS, EVAL_DOMAINS, EXTRACTION, Demo,
-                                           ROOT)
+                                           ROOT, compilation_cache_env)
 
 FLAGS = flags.FlagValues()
 _SUITE = flags.DEFINE_enum("suite", None, ["paper"], "Which experiments: paper (the FlexOlmo "
@@ -158,9 +158,7 @@ class Suite:
     self.data = work / "flexmix_mini"
     # One XLA compilation cache for every stage: the suite runs the same few programs (same
     # shapes) in tens of processes, and on CPU compiling is much of a small stage's time.
-    self.env = {"JAX_COMPILATION_CACHE_DIR": str(work / ".jax_cache"),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    self.env = compilation_cache_env(work)
     self.stage_flags = {}
     if scale == "tiny":
       self.stage_flags = {k: [f"--config.train.steps={v}", "--config.checkpoint.every=1000"]

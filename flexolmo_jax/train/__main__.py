@@ -38,8 +38,9 @@ def _main(argv):
   except (TrainingError, InitError, DataError, ValueError) as e:
     logging.error("%s", e)  # also in the log file; cli.run prints it and exits 1
     raise
-  print(f"done: step {summary['step']}; export in {summary['workdir']}/export; "
-        f"eval loss {summary['eval_loss']}")
+  evaluated = (f"eval loss {summary['eval_loss']}" if summary["eval_loss"]
+               else "no end-of-run evaluation")
+  print(f"done: step {summary['step']}; export in {summary['workdir']}/export; {evaluated}")
 
 
 def main(argv=None) -> int:

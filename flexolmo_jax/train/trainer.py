@@ -365,7 +365,7 @@ def train(config, workdir, devices=None) -> dict:
     eval_results = evaluate(params, setup.export_cfg, rules, config, mesh, {
         k: activation_sharding(mesh, ("act_batch", "act_length"),
                                (int(config.eval.global_batch_size), T), rules)
-        for k in BATCH_KEYS})
+        for k in BATCH_KEYS}) if config.eval.get("at_end", True) else {}
     summary = {"step": final_step, "workdir": str(workdir), "train": last_metrics,
                "eval_loss": eval_results}
     if jax.process_index() == 0:
